@@ -1,0 +1,734 @@
+//! Typed configuration: defaults < TOML file < `OUTBOXD_<SECTION>__<KEY>` environment.
+//!
+//! Owns loading, secret resolution (`*_file` keys) and validation. Everything the
+//! rest of the daemon reads is checked here once, at start-up, so a bad value is
+//! reported with the key that holds it before any connection is made. This module
+//! never logs and never prints a secret: [`Secret`] has no way to be displayed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Default replication slot name.
+pub const DEFAULT_SLOT: &str = "outboxd";
+/// Default publication name.
+pub const DEFAULT_PUBLICATION: &str = "outboxd";
+/// Default outbox table.
+pub const DEFAULT_TABLE: &str = "public.outbox";
+/// Default NATS subject template (`outbox.<aggregate type>`).
+pub const DEFAULT_NATS_SUBJECT: &str = "outbox.{aggregate_type}";
+/// Default Kafka topic template: Debezium's Outbox Event Router convention.
+pub const DEFAULT_KAFKA_TOPIC: &str = "outbox.event.{aggregate_type}";
+/// Default listen address of the HTTP endpoints.
+pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:9187";
+/// Prefix of the environment variables that override the file.
+pub const ENV_PREFIX: &str = "OUTBOXD_";
+
+/// A configuration error, naming the key and the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file, the environment or a type did not parse (figment names the key).
+    #[error("{0}")]
+    Parse(String),
+    /// A value parsed but is not acceptable.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// Dotted key, e.g. `postgres.url`.
+        key: String,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+    /// A `*_file` secret could not be read.
+    #[error("{key}: cannot read {path}: {source}")]
+    SecretFile {
+        /// Dotted key, e.g. `postgres.url_file`.
+        key: String,
+        /// The path named by the key.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// A value that must never be printed: its `Debug` and `Display` are redacted.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The secret itself; call only where it is handed to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// True when no value was given.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The database holding the outbox table.
+    pub postgres: PostgresConfig,
+    /// How rows become CloudEvents.
+    pub cloudevents: CloudEventsConfig,
+    /// Where events go and how many may be in flight.
+    pub sink: SinkConfig,
+    /// NATS JetStream sink.
+    pub nats: NatsConfig,
+    /// Kafka sink.
+    pub kafka: KafkaConfig,
+    /// Reconnect and publish retry backoff.
+    pub retry: RetryConfig,
+    /// HTTP endpoints.
+    pub http: HttpConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[postgres]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Connection URL, `postgres://user:password@host:port/db?sslmode=...`. Secret.
+    pub url: Secret,
+    /// File holding the URL (a mounted Kubernetes Secret); overrides `url`.
+    pub url_file: Option<PathBuf>,
+    /// File holding the password; overrides a password in the URL.
+    pub password_file: Option<PathBuf>,
+    /// Logical replication slot (pgoutput). Default `outboxd`.
+    pub slot: String,
+    /// Publication of the outbox table. Default `outboxd`.
+    pub publication: String,
+    /// The outbox table, `schema.table`. Default `public.outbox`.
+    pub table: String,
+    /// Create the publication when missing. Default true.
+    pub create_publication: bool,
+    /// Create the slot when missing on first start. Default true.
+    pub create_slot: bool,
+    /// How often the confirmed LSN is reported to the server at most, in ms. Default 1000.
+    pub status_interval_ms: u64,
+    /// Column names of the outbox table.
+    pub columns: ColumnMapping,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::default(),
+            url_file: None,
+            password_file: None,
+            slot: DEFAULT_SLOT.into(),
+            publication: DEFAULT_PUBLICATION.into(),
+            table: DEFAULT_TABLE.into(),
+            create_publication: true,
+            create_slot: true,
+            status_interval_ms: 1000,
+            columns: ColumnMapping::default(),
+        }
+    }
+}
+
+/// `[postgres.columns]`: the outbox table's column names. An empty string for an
+/// optional column means "not present".
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ColumnMapping {
+    /// Event id (uuid or text), required. Default `id`.
+    pub id: String,
+    /// Aggregate type, used for routing, required. Default `aggregate_type`.
+    pub aggregate_type: String,
+    /// Aggregate id: subject, ordering key, partition key; required. Default `aggregate_id`.
+    pub aggregate_id: String,
+    /// Event type, required. Default `event_type`.
+    pub event_type: String,
+    /// Payload (jsonb, json, text or bytea), required. Default `payload`.
+    pub payload: String,
+    /// Optional correlation id. Default `correlation_id`.
+    pub correlation_id: String,
+    /// Optional causation id. Default `causation_id`.
+    pub causation_id: String,
+    /// Optional jsonb object of extra attributes. Default `headers`.
+    pub headers: String,
+    /// Optional creation time (CloudEvent `time`). Default `created_at`.
+    pub created_at: String,
+    /// Optional per-row content type. Default empty (not present).
+    pub content_type: String,
+}
+
+impl Default for ColumnMapping {
+    fn default() -> Self {
+        Self {
+            id: "id".into(),
+            aggregate_type: "aggregate_type".into(),
+            aggregate_id: "aggregate_id".into(),
+            event_type: "event_type".into(),
+            payload: "payload".into(),
+            correlation_id: "correlation_id".into(),
+            causation_id: "causation_id".into(),
+            headers: "headers".into(),
+            created_at: "created_at".into(),
+            content_type: String::new(),
+        }
+    }
+}
+
+/// `[cloudevents]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CloudEventsConfig {
+    /// CloudEvent `source` (a URI-reference). Default `/outboxd`.
+    pub source: String,
+    /// Prepended to the row's event type, e.g. `com.example.orders.`. Default empty.
+    pub type_prefix: String,
+    /// `datacontenttype` when no content type column is mapped. Default `application/json`.
+    pub default_content_type: String,
+}
+
+impl Default for CloudEventsConfig {
+    fn default() -> Self {
+        Self {
+            source: "/outboxd".into(),
+            type_prefix: String::new(),
+            default_content_type: "application/json".into(),
+        }
+    }
+}
+
+/// Which broker receives the events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// One structured-mode CloudEvent JSON per line on standard output.
+    Stdout,
+    /// NATS JetStream.
+    Nats,
+    /// Kafka.
+    Kafka,
+}
+
+/// CloudEvents content mode of a protocol binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContentMode {
+    /// Attributes as headers, data as the body.
+    Binary,
+    /// The whole event as `application/cloudevents+json` body.
+    Structured,
+}
+
+/// What to do with a row that cannot be published as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoisonPolicy {
+    /// Stop with an error naming the row id; the LSN does not move past it.
+    Halt,
+}
+
+/// `[sink]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinkConfig {
+    /// `stdout`, `nats` or `kafka`. Default `stdout`.
+    pub kind: SinkKind,
+    /// Events held in memory at most (in flight plus waiting); reading pauses above. Default 8192.
+    pub max_in_flight: usize,
+    /// Rows that are not valid outbox rows. Default `halt`.
+    pub on_invalid: PoisonPolicy,
+    /// Events the broker rejects permanently. Default `halt`.
+    pub on_rejected: PoisonPolicy,
+    /// Seconds to wait for in-flight acks on SIGTERM. Default 20.
+    pub shutdown_timeout_secs: u64,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        Self {
+            kind: SinkKind::Stdout,
+            max_in_flight: 8192,
+            on_invalid: PoisonPolicy::Halt,
+            on_rejected: PoisonPolicy::Halt,
+            shutdown_timeout_secs: 20,
+        }
+    }
+}
+
+/// `[nats]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL(s), comma separated. Secret (may carry credentials). Default `nats://127.0.0.1:4222`.
+    pub url: Secret,
+    /// File holding the URL; overrides `url`.
+    pub url_file: Option<PathBuf>,
+    /// Subject template; placeholders `{aggregate_type}`, `{aggregate_id}`, `{event_type}`.
+    pub subject: String,
+    /// JetStream stream that captures the subjects. Default `OUTBOX`.
+    pub stream: String,
+    /// Subjects of the stream when outboxd creates it. Default `["outbox.>"]`.
+    pub stream_subjects: Vec<String>,
+    /// Create the stream when missing. Default true.
+    pub create_stream: bool,
+    /// Dead-letter subject for poison rows. Default `outbox.deadletter`.
+    pub dead_letter_subject: String,
+    /// `binary` (default) or `structured`.
+    pub content_mode: ContentMode,
+    /// Time to wait for a PubAck, in ms. Default 5000.
+    pub ack_timeout_ms: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("nats://127.0.0.1:4222"),
+            url_file: None,
+            subject: DEFAULT_NATS_SUBJECT.into(),
+            stream: "OUTBOX".into(),
+            stream_subjects: vec!["outbox.>".into()],
+            create_stream: true,
+            dead_letter_subject: "outbox.deadletter".into(),
+            content_mode: ContentMode::Binary,
+            ack_timeout_ms: 5000,
+        }
+    }
+}
+
+/// `[kafka]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated. Default `127.0.0.1:9092`.
+    pub brokers: String,
+    /// Topic template. Default `outbox.event.{aggregate_type}`.
+    pub topic: String,
+    /// Record key template. Default `{aggregate_id}`.
+    pub key: String,
+    /// Dead-letter topic. Default `outbox.deadletter`.
+    pub dead_letter_topic: String,
+    /// `binary` (default) or `structured`.
+    pub content_mode: ContentMode,
+    /// librdkafka properties passed through (SASL, SSL, tuning). Values are treated as secrets.
+    pub properties: BTreeMap<String, Secret>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            topic: DEFAULT_KAFKA_TOPIC.into(),
+            key: "{aggregate_id}".into(),
+            dead_letter_topic: "outbox.deadletter".into(),
+            content_mode: ContentMode::Binary,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[retry]`: exponential backoff with full jitter.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// First delay, in ms. Default 100.
+    pub initial_backoff_ms: u64,
+    /// Largest delay, in ms. Default 30000.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            initial_backoff_ms: 100,
+            max_backoff_ms: 30_000,
+        }
+    }
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Listen address of `/metrics`, `/healthz`, `/readyz`, `/status`. Default `0.0.0.0:9187`.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_HTTP_LISTEN.into(),
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `json` (default) or `text`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `outboxd=debug`. Default `info`. `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Json,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults, then `file` (when given), then the environment, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(invalid(
+                    "--config",
+                    format!("file {} does not exist", path.display()),
+                ));
+            }
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        fig = fig.merge(env_provider());
+        let mut cfg: Config = fig.extract().map_err(|e| ConfigError::Parse(describe(e)))?;
+        cfg.resolve_secret_files()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve_secret_files(&mut self) -> Result<(), ConfigError> {
+        if let Some(p) = &self.postgres.url_file {
+            self.postgres.url = Secret::new(read_secret("postgres.url_file", p)?);
+        }
+        if let Some(p) = &self.nats.url_file {
+            self.nats.url = Secret::new(read_secret("nats.url_file", p)?);
+        }
+        Ok(())
+    }
+
+    /// Reads `postgres.password_file` if set.
+    pub fn postgres_password(&self) -> Result<Option<Secret>, ConfigError> {
+        match &self.postgres.password_file {
+            Some(p) => Ok(Some(Secret::new(read_secret("postgres.password_file", p)?))),
+            None => Ok(None),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let pg = &self.postgres;
+        if pg.url.is_empty() {
+            return Err(invalid(
+                "postgres.url",
+                "missing: set postgres.url, postgres.url_file or OUTBOXD_POSTGRES__URL",
+            ));
+        }
+        if let Err(e) = pg.url.expose().parse::<tokio_postgres::Config>() {
+            // The parser's message never contains the URL itself.
+            return Err(invalid(
+                "postgres.url",
+                format!("not a valid connection URL: {e}"),
+            ));
+        }
+        identifier("postgres.slot", &pg.slot)?;
+        identifier("postgres.publication", &pg.publication)?;
+        let (schema, table) = split_table(&pg.table);
+        identifier("postgres.table", schema)?;
+        identifier("postgres.table", table)?;
+        if pg.status_interval_ms == 0 {
+            return Err(invalid("postgres.status_interval_ms", "must be > 0"));
+        }
+        let c = &pg.columns;
+        for (key, v) in [
+            ("postgres.columns.id", &c.id),
+            ("postgres.columns.aggregate_type", &c.aggregate_type),
+            ("postgres.columns.aggregate_id", &c.aggregate_id),
+            ("postgres.columns.event_type", &c.event_type),
+            ("postgres.columns.payload", &c.payload),
+        ] {
+            if v.is_empty() {
+                return Err(invalid(key, "a required column must be named"));
+            }
+        }
+        if self.cloudevents.source.is_empty() {
+            return Err(invalid(
+                "cloudevents.source",
+                "must not be empty (a URI-reference)",
+            ));
+        }
+        if self.cloudevents.default_content_type.is_empty() {
+            return Err(invalid(
+                "cloudevents.default_content_type",
+                "must not be empty",
+            ));
+        }
+        if self.sink.max_in_flight == 0 {
+            return Err(invalid("sink.max_in_flight", "must be > 0"));
+        }
+        if self.retry.initial_backoff_ms == 0
+            || self.retry.max_backoff_ms < self.retry.initial_backoff_ms
+        {
+            return Err(invalid(
+                "retry.max_backoff_ms",
+                "needs 0 < retry.initial_backoff_ms <= retry.max_backoff_ms",
+            ));
+        }
+        if self.http.listen.parse::<SocketAddr>().is_err() {
+            return Err(invalid(
+                "http.listen",
+                "must be host:port, e.g. 0.0.0.0:9187",
+            ));
+        }
+        match self.sink.kind {
+            SinkKind::Nats => {
+                crate::route::Template::parse(&self.nats.subject)
+                    .map_err(|e| invalid("nats.subject", e.to_string()))?;
+                if self.nats.url.is_empty() {
+                    return Err(invalid("nats.url", "missing"));
+                }
+                if self.nats.stream.is_empty() {
+                    return Err(invalid("nats.stream", "must not be empty"));
+                }
+                if self.nats.ack_timeout_ms == 0 {
+                    return Err(invalid("nats.ack_timeout_ms", "must be > 0"));
+                }
+            }
+            SinkKind::Kafka => {
+                crate::route::Template::parse(&self.kafka.topic)
+                    .map_err(|e| invalid("kafka.topic", e.to_string()))?;
+                crate::route::Template::parse(&self.kafka.key)
+                    .map_err(|e| invalid("kafka.key", e.to_string()))?;
+                if self.kafka.brokers.is_empty() {
+                    return Err(invalid("kafka.brokers", "missing"));
+                }
+            }
+            SinkKind::Stdout => {}
+        }
+        Ok(())
+    }
+
+    /// Status update interval.
+    pub fn status_interval(&self) -> Duration {
+        Duration::from_millis(self.postgres.status_interval_ms)
+    }
+}
+
+/// `schema.table` split in two; a bare name is in `public`.
+pub fn split_table(table: &str) -> (&str, &str) {
+    table.split_once('.').unwrap_or(("public", table))
+}
+
+fn identifier(key: &str, v: &str) -> Result<(), ConfigError> {
+    let ok = !v.is_empty()
+        && v.len() <= 63
+        && v.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !v.starts_with(|c: char| c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("{v:?} is not a plain lowercase SQL identifier (a-z, 0-9, _)"),
+        ))
+    }
+}
+
+fn read_secret(key: &str, path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+        .map_err(|source| ConfigError::SecretFile {
+            key: key.to_string(),
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn env_provider() -> Env {
+    // `OUTBOXD_POSTGRES__URL` -> `postgres.url`. Single-underscore variables such as
+    // `OUTBOXD_CONFIG` (the CLI's own) are not configuration keys.
+    Env::prefixed(ENV_PREFIX)
+        .filter(|k| k.as_str().contains("__"))
+        .split("__")
+}
+
+/// Turns figment's error into one line per problem, each naming the key, never a value
+/// of a secret key.
+fn describe(err: figment::Error) -> String {
+    err.into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            let kind = redact_kind(&e.kind, &key);
+            let origin = e
+                .metadata
+                .as_ref()
+                .map(|m| m.name.to_string())
+                .unwrap_or_default();
+            if key.is_empty() {
+                format!("{kind} ({origin})")
+            } else {
+                format!("{key}: {kind} ({origin})")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn redact_kind(kind: &figment::error::Kind, key: &str) -> String {
+    use figment::error::Kind;
+    let secret = key.ends_with("url") || key.contains("properties") || key.contains("password");
+    match kind {
+        Kind::InvalidType(_, expected) if secret => format!("invalid type, expected {expected}"),
+        Kind::InvalidValue(_, expected) if secret => format!("invalid value, expected {expected}"),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+// figment's `Jail` closures return its large error type; that is its API, not ours.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_in(jail: &mut Jail, toml: &str) -> Result<Config, ConfigError> {
+        jail.create_file("c.toml", toml).expect("jail file");
+        Config::load(Some(Path::new("c.toml")))
+    }
+
+    #[test]
+    fn defaults_need_only_a_url() {
+        Jail::expect_with(|jail| {
+            let cfg = load_in(jail, "[postgres]\nurl = \"postgres://u:pw@h/db\"\n").expect("ok");
+            assert_eq!(cfg.postgres.slot, "outboxd");
+            assert_eq!(cfg.sink.kind, SinkKind::Stdout);
+            assert_eq!(cfg.nats.subject, "outbox.{aggregate_type}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        Jail::expect_with(|jail| {
+            jail.set_env("OUTBOXD_POSTGRES__SLOT", "from_env");
+            jail.set_env("OUTBOXD_CONFIG", "ignored.toml");
+            let cfg = load_in(
+                jail,
+                "[postgres]\nurl = \"postgres://h/db\"\nslot = \"file\"\n",
+            )
+            .expect("ok");
+            assert_eq!(cfg.postgres.slot, "from_env");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        Jail::expect_with(|jail| {
+            let err = load_in(
+                jail,
+                "[postgres]\nurl = \"postgres://h/db\"\nslott = \"x\"\n",
+            )
+            .expect_err("unknown key");
+            let msg = err.to_string();
+            assert!(msg.contains("slott"), "{msg}");
+            assert!(msg.contains("postgres"), "{msg}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        Jail::expect_with(|jail| {
+            let err = load_in(
+                jail,
+                "[postgres]\nurl = \"postgres://h/db\"\n[sink]\nmax_in_flight = \"many\"\n",
+            )
+            .expect_err("wrong type");
+            assert!(err.to_string().contains("sink.max_in_flight"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_url_is_named() {
+        Jail::expect_with(|jail| {
+            let err = load_in(jail, "[sink]\nkind = \"stdout\"\n").expect_err("no url");
+            assert!(err.to_string().starts_with("postgres.url:"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn url_file_is_read_and_never_printed() {
+        Jail::expect_with(|jail| {
+            jail.create_file("url", "postgres://u:hunter2@h/db\n")?;
+            let cfg = load_in(jail, "[postgres]\nurl_file = \"url\"\n").expect("ok");
+            assert_eq!(cfg.postgres.url.expose(), "postgres://u:hunter2@h/db");
+            assert!(!format!("{cfg:?}").contains("hunter2"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_identifier_and_template_are_named() {
+        Jail::expect_with(|jail| {
+            let err = load_in(
+                jail,
+                "[postgres]\nurl = \"postgres://h/db\"\nslot = \"Bad-Slot\"\n",
+            )
+            .expect_err("bad slot");
+            assert!(err.to_string().starts_with("postgres.slot:"), "{err}");
+            let err = load_in(
+                jail,
+                "[postgres]\nurl = \"postgres://h/db\"\n[sink]\nkind = \"nats\"\n[nats]\nsubject = \"a.{nope}\"\n",
+            )
+            .expect_err("bad template");
+            assert!(err.to_string().starts_with("nats.subject:"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,29 @@
+//! outboxd: the transactional outbox, relayed.
+//!
+//! Applications insert events into an `outbox` table inside their own transactions.
+//! outboxd tails that table through PostgreSQL logical replication (pgoutput), turns
+//! every row into a CloudEvents 1.0 event and publishes it to NATS JetStream (or
+//! Kafka, or stdout), acknowledging the replication slot only after the broker did.
+//!
+//! ```text
+//!  source (replication stream, pgoutput)      src/source/
+//!    └─▶ outbox (row by column mapping)       src/outbox.rs
+//!          └─▶ event (CloudEvent)             src/event.rs
+//!                └─▶ route (subject / topic)  src/route.rs
+//!                      └─▶ sink (publish)     src/sink/
+//!                            └─▶ relay: confirm LSN after the broker's ack   src/relay/
+//! ```
+//!
+//! Guarantee: every committed outbox row reaches the broker at least once, events of
+//! one aggregate in commit order; every event carries the row id as its CloudEvent
+//! `id`, which the broker (and, failing that, the consumer) uses to drop duplicates.
+
+pub mod backoff;
+pub mod check;
+pub mod config;
+pub mod event;
+pub mod outbox;
+pub mod relay;
+pub mod route;
+pub mod sink;
+pub mod source;

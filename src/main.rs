@@ -1,0 +1,189 @@
+//! The `outboxd` binary: command line, logging, signals and exit codes. The work
+//! itself lives in the library (`outboxd::relay`, `outboxd::check`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use outboxd::config::{Config, LogFormat};
+
+/// Exit code for a configuration error (sysexits EX_CONFIG).
+const EXIT_CONFIG: u8 = 78;
+/// Exit code when the relay stopped on an error.
+const EXIT_FAILURE: u8 = 1;
+
+#[derive(Parser)]
+#[command(
+    name = "outboxd",
+    version,
+    about = "Relay a PostgreSQL transactional outbox to NATS JetStream or Kafka as CloudEvents.",
+    long_about = "Relay a PostgreSQL transactional outbox to NATS JetStream or Kafka as CloudEvents.\n\n\
+        outboxd tails the outbox table through logical replication (pgoutput), publishes every \
+        committed row at least once, in commit order per aggregate, and moves the replication \
+        slot only past events the broker acknowledged.\n\n\
+        Configuration: built-in defaults < TOML file (--config) < environment variables \
+        OUTBOXD_<SECTION>__<KEY> (e.g. OUTBOXD_POSTGRES__URL). See config/outboxd.toml."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// TOML configuration file. Optional: everything can come from OUTBOXD_* variables.
+    #[arg(short, long, env = "OUTBOXD_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay until SIGTERM/SIGINT (then drain in-flight acks and exit 0).
+    Run(ConfigArg),
+    /// Validate the config and check Postgres (wal_level, REPLICATION, table, publication,
+    /// slot) and the broker; print ok/FAIL with the fix for each; exit 1 on any FAIL.
+    Check(ConfigArg),
+    /// Print the SQL that creates the outbox table, the publication and the slot;
+    /// with --apply, run it against postgres.url.
+    Setup {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Execute the SQL instead of printing it (idempotent).
+        #[arg(long)]
+        apply: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (Command::Run(c) | Command::Check(c) | Command::Setup { config: c, .. }) = &cli.command;
+    let cfg = match Config::load(c.config.as_deref()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("outboxd: configuration error: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_logging(&cfg);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outboxd: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Run(_) => run(cfg).await,
+            Command::Check(_) => check(&cfg).await,
+            Command::Setup { apply, .. } => setup(&cfg, apply).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "outboxd stopped");
+            eprintln!("outboxd: {e:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cfg.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Logs go to stderr: stdout belongs to the stdout sink.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signals(shutdown.clone()));
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), sink = ?cfg.sink.kind, slot = %cfg.postgres.slot, "outboxd starting");
+    outboxd::relay::run(Arc::new(cfg), shutdown)
+        .await
+        .context("relay failed")?;
+    tracing::info!("outboxd stopped cleanly");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; SIGTERM will kill without draining");
+        return;
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "shutting down: draining in-flight events");
+    shutdown.cancel();
+}
+
+async fn check(cfg: &Config) -> anyhow::Result<ExitCode> {
+    let checks = outboxd::check::run(cfg).await;
+    print!("{}", outboxd::check::render(&checks));
+    Ok(if checks.iter().all(|c| c.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILURE)
+    })
+}
+
+async fn setup(cfg: &Config, apply: bool) -> anyhow::Result<ExitCode> {
+    let sql = outboxd::check::setup_sql(cfg);
+    if !apply {
+        print!("{sql}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let control = outboxd::source::control::Control::connect(cfg)
+        .await
+        .context("connecting to postgres")?;
+    let (schema, _) = outboxd::config::split_table(&cfg.postgres.table);
+    control
+        .apply(&format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema};\n{}",
+            outboxd::source::control::create_table_sql(cfg)
+        ))
+        .await
+        .context("creating the outbox table")?;
+    let mut forced = cfg.clone();
+    forced.postgres.create_publication = true;
+    forced.postgres.create_slot = true;
+    control
+        .ensure_publication(&forced)
+        .await
+        .context("creating the publication")?;
+    let slot = control
+        .ensure_slot(&forced)
+        .await
+        .context("creating the slot")?;
+    println!(
+        "applied: table {}, publication {}, slot {} at {}",
+        cfg.postgres.table,
+        cfg.postgres.publication,
+        cfg.postgres.slot,
+        outboxd::relay::lsn_text(slot.confirmed_flush_lsn)
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,146 @@
+//! Which LSN may be confirmed: the end LSN of the newest transaction such that it and
+//! every earlier transaction have all their events acknowledged.
+//!
+//! Transactions are numbered in stream (commit) order; a `VecDeque` holds the ones not
+//! yet confirmed. Acks arrive in any order (many events are in flight), but the
+//! confirmed position only ever moves over a contiguous, fully acknowledged prefix:
+//! that is what makes a crash at any moment lose nothing.
+
+use std::collections::VecDeque;
+
+/// Stream-order number of a transaction.
+pub type TxnId = u64;
+
+#[derive(Debug)]
+struct Txn {
+    /// Set at Commit; `None` while rows are still arriving.
+    end_lsn: Option<u64>,
+    /// Events handed out and not yet acknowledged.
+    remaining: usize,
+}
+
+/// Tracks unconfirmed transactions.
+#[derive(Debug, Default)]
+pub struct Progress {
+    txns: VecDeque<Txn>,
+    /// `TxnId` of `txns[0]`.
+    front: TxnId,
+}
+
+impl Progress {
+    /// Starts a transaction; it cannot be confirmed before its `commit`.
+    pub fn begin(&mut self) -> TxnId {
+        self.txns.push_back(Txn {
+            end_lsn: None,
+            remaining: 0,
+        });
+        self.front + self.txns.len() as u64 - 1
+    }
+
+    /// One more event of `txn` must be acknowledged.
+    pub fn add(&mut self, txn: TxnId) {
+        if let Some(t) = self.get(txn) {
+            t.remaining += 1;
+        }
+    }
+
+    /// `txn` has no more rows; returns a newly confirmable LSN, if any.
+    pub fn commit(&mut self, txn: TxnId, end_lsn: u64) -> Option<u64> {
+        if let Some(t) = self.get(txn) {
+            t.end_lsn = Some(end_lsn);
+        }
+        self.advance()
+    }
+
+    /// An event of `txn` was acknowledged; returns a newly confirmable LSN, if any.
+    pub fn ack(&mut self, txn: TxnId) -> Option<u64> {
+        if let Some(t) = self.get(txn) {
+            debug_assert!(t.remaining > 0, "ack without a pending event");
+            t.remaining = t.remaining.saturating_sub(1);
+        }
+        self.advance()
+    }
+
+    /// Nothing is pending and no transaction is open.
+    pub fn is_idle(&self) -> bool {
+        self.txns.is_empty()
+    }
+
+    /// Transactions not yet confirmed (open or waiting for acks).
+    pub fn pending_transactions(&self) -> usize {
+        self.txns.len()
+    }
+
+    fn get(&mut self, txn: TxnId) -> Option<&mut Txn> {
+        let idx = txn.checked_sub(self.front)?;
+        self.txns.get_mut(usize::try_from(idx).ok()?)
+    }
+
+    fn advance(&mut self) -> Option<u64> {
+        let mut confirmed = None;
+        while let Some(t) = self.txns.front() {
+            match t.end_lsn {
+                Some(lsn) if t.remaining == 0 => {
+                    confirmed = Some(lsn);
+                    self.txns.pop_front();
+                    self.front += 1;
+                }
+                _ => break,
+            }
+        }
+        confirmed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirms_only_a_fully_acknowledged_prefix() {
+        let mut p = Progress::default();
+        let a = p.begin();
+        p.add(a);
+        p.add(a);
+        assert_eq!(p.commit(a, 100), None);
+        let b = p.begin();
+        p.add(b);
+        assert_eq!(p.commit(b, 200), None);
+        // b's event is acknowledged first: nothing may move, a is still pending.
+        assert_eq!(p.ack(b), None);
+        assert_eq!(p.ack(a), None);
+        // The last of a's events releases both, at once, to b's end.
+        assert_eq!(p.ack(a), Some(200));
+        assert!(p.is_idle());
+    }
+
+    #[test]
+    fn an_open_transaction_blocks_even_when_acked() {
+        let mut p = Progress::default();
+        let a = p.begin();
+        p.add(a);
+        assert_eq!(p.ack(a), None, "rows may still come");
+        assert_eq!(p.commit(a, 10), Some(10));
+    }
+
+    #[test]
+    fn empty_transactions_confirm_at_commit() {
+        let mut p = Progress::default();
+        let a = p.begin();
+        assert_eq!(p.commit(a, 42), Some(42));
+        assert_eq!(p.pending_transactions(), 0);
+    }
+
+    #[test]
+    fn ids_stay_valid_after_the_front_moves() {
+        let mut p = Progress::default();
+        for i in 0..1000u64 {
+            let t = p.begin();
+            assert_eq!(t, i);
+            p.add(t);
+            assert_eq!(p.commit(t, i * 10), None);
+            assert_eq!(p.ack(t), Some(i * 10));
+        }
+        assert_eq!(p.ack(5), None, "an old id is ignored");
+    }
+}

@@ -1,0 +1,306 @@
+//! The control plane: an ordinary SQL connection (tokio-postgres) for set-up and
+//! checks. It creates the publication and the slot when allowed ("already exists" is
+//! success), reads the slot's confirmed position, and answers `outboxd check`.
+//! It never streams and never moves the slot.
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+
+use super::SourceError;
+use crate::config::{split_table, Config};
+
+/// What the server says about our slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotInfo {
+    /// Output plugin; must be `pgoutput`.
+    pub plugin: String,
+    /// Confirmed flush LSN: everything before it was acknowledged.
+    pub confirmed_flush_lsn: u64,
+    /// Server-side PID streaming from the slot, if any.
+    pub active_pid: Option<i32>,
+}
+
+/// An open SQL connection.
+pub struct Control {
+    client: Client,
+    conn_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.conn_task.abort();
+    }
+}
+
+/// Builds the tokio-postgres config from `postgres.url` and the password file.
+pub fn pg_config(cfg: &Config) -> Result<tokio_postgres::Config, SourceError> {
+    let mut pg: tokio_postgres::Config = cfg
+        .postgres
+        .url
+        .expose()
+        .parse()
+        .map_err(|e| SourceError::Setup(format!("postgres.url: {e}")))?;
+    if let Some(pw) = cfg
+        .postgres_password()
+        .map_err(|e| SourceError::Setup(e.to_string()))?
+    {
+        pg.password(pw.expose());
+    }
+    if pg.get_application_name().is_none() {
+        pg.application_name("outboxd");
+    }
+    Ok(pg)
+}
+
+impl Control {
+    /// Connects with the configured URL.
+    pub async fn connect(cfg: &Config) -> Result<Self, SourceError> {
+        let pg = pg_config(cfg)?;
+        let (client, conn) = pg.connect(NoTls).await.map_err(SourceError::connect)?;
+        let conn_task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "control connection ended");
+            }
+        });
+        Ok(Self { client, conn_task })
+    }
+
+    /// The server's `wal_level`.
+    pub async fn wal_level(&self) -> Result<String, SourceError> {
+        let row = self
+            .client
+            .query_one("SHOW wal_level", &[])
+            .await
+            .map_err(SourceError::query)?;
+        Ok(row.get(0))
+    }
+
+    /// Whether the connected role may open replication connections.
+    pub async fn has_replication(&self) -> Result<bool, SourceError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await
+            .map_err(SourceError::query)?;
+        Ok(row.get(0))
+    }
+
+    /// Column names and types of `schema.table`, or `None` if it does not exist.
+    pub async fn table_columns(
+        &self,
+        table: &str,
+    ) -> Result<Option<Vec<(String, String)>>, SourceError> {
+        let (schema, name) = split_table(table);
+        let rows = self
+            .client
+            .query(
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
+                 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
+                 ORDER BY a.attnum",
+                &[&schema, &name],
+            )
+            .await
+            .map_err(SourceError::query)?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
+    }
+
+    /// `Some(includes_table)` when the publication exists.
+    pub async fn publication(&self, cfg: &Config) -> Result<Option<bool>, SourceError> {
+        let p = &cfg.postgres;
+        let exists = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_publication WHERE pubname = $1",
+                &[&p.publication],
+            )
+            .await
+            .map_err(SourceError::query)?
+            .is_some();
+        if !exists {
+            return Ok(None);
+        }
+        let (schema, name) = split_table(&p.table);
+        let includes = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_publication_tables \
+                 WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[&p.publication, &schema, &name],
+            )
+            .await
+            .map_err(SourceError::query)?
+            .is_some();
+        Ok(Some(includes))
+    }
+
+    /// Creates the publication when missing (and allowed); checks it covers the table.
+    pub async fn ensure_publication(&self, cfg: &Config) -> Result<(), SourceError> {
+        let p = &cfg.postgres;
+        match self.publication(cfg).await? {
+            Some(true) => Ok(()),
+            Some(false) => Err(SourceError::Setup(format!(
+                "publication {} exists but does not include {}: run ALTER PUBLICATION {} ADD TABLE {}",
+                p.publication, p.table, p.publication, p.table
+            ))),
+            None if !p.create_publication => Err(SourceError::Setup(format!(
+                "publication {} does not exist and postgres.create_publication = false: run `outboxd setup` \
+                 and apply its SQL as the table owner",
+                p.publication
+            ))),
+            None => match self.client.batch_execute(&create_publication_sql(cfg)).await {
+                Ok(()) => {
+                    tracing::info!(publication = %p.publication, table = %p.table, "created publication");
+                    Ok(())
+                }
+                Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => Ok(()),
+                Err(e) => Err(SourceError::Setup(format!(
+                    "cannot create publication {}: {}; create it as the table owner \
+                     (see `outboxd setup`)",
+                    p.publication,
+                    db_message(&e)
+                ))),
+            },
+        }
+    }
+
+    /// The slot, if it exists.
+    pub async fn slot(&self, slot: &str) -> Result<Option<SlotInfo>, SourceError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT plugin::text, confirmed_flush_lsn::text, active_pid \
+                 FROM pg_replication_slots WHERE slot_name = $1 AND slot_type = 'logical'",
+                &[&slot],
+            )
+            .await
+            .map_err(SourceError::query)?;
+        let Some(row) = row else { return Ok(None) };
+        let lsn: Option<String> = row.get(1);
+        Ok(Some(SlotInfo {
+            plugin: row.get(0),
+            confirmed_flush_lsn: lsn.as_deref().map(parse_lsn).transpose()?.unwrap_or(0),
+            active_pid: row.get(2),
+        }))
+    }
+
+    /// Returns the slot, creating it when missing (and allowed). Creation is idempotent:
+    /// a concurrent creator winning the race is success.
+    pub async fn ensure_slot(&self, cfg: &Config) -> Result<SlotInfo, SourceError> {
+        let p = &cfg.postgres;
+        if let Some(s) = self.slot(&p.slot).await? {
+            if s.plugin != "pgoutput" {
+                return Err(SourceError::Setup(format!(
+                    "slot {} uses plugin {}, outboxd needs pgoutput: drop it or set postgres.slot",
+                    p.slot, s.plugin
+                )));
+            }
+            return Ok(s);
+        }
+        if !p.create_slot {
+            return Err(SourceError::Setup(format!(
+                "replication slot {} does not exist and postgres.create_slot = false",
+                p.slot
+            )));
+        }
+        match self
+            .client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&p.slot],
+            )
+            .await
+        {
+            Ok(_) => tracing::info!(slot = %p.slot, "created replication slot"),
+            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
+            Err(e) => {
+                return Err(SourceError::Setup(format!(
+                    "cannot create replication slot {}: {}",
+                    p.slot,
+                    db_message(&e)
+                )))
+            }
+        }
+        self.slot(&p.slot).await?.ok_or_else(|| {
+            SourceError::Setup(format!(
+                "replication slot {} vanished after creation",
+                p.slot
+            ))
+        })
+    }
+
+    /// Runs SQL (for `setup --apply`).
+    pub async fn apply(&self, sql: &str) -> Result<(), SourceError> {
+        self.client
+            .batch_execute(sql)
+            .await
+            .map_err(|e| SourceError::Setup(db_message(&e)))
+    }
+}
+
+/// The server's message (and detail) of a database error, else the error itself.
+pub fn db_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+/// `X/Y` hex text to a number.
+pub fn parse_lsn(s: &str) -> Result<u64, SourceError> {
+    pgwire_replication::Lsn::parse(s)
+        .map(|l| l.as_u64())
+        .map_err(|e| SourceError::Setup(format!("server sent a malformed LSN {s:?}: {e}")))
+}
+
+/// `CREATE PUBLICATION` for the outbox table, inserts only.
+pub fn create_publication_sql(cfg: &Config) -> String {
+    let (schema, table) = split_table(&cfg.postgres.table);
+    format!(
+        "CREATE PUBLICATION {} FOR TABLE {schema}.{table} WITH (publish = 'insert');",
+        cfg.postgres.publication
+    )
+}
+
+/// The default outbox table (see README, "The outbox table").
+pub fn create_table_sql(cfg: &Config) -> String {
+    let (schema, table) = split_table(&cfg.postgres.table);
+    let c = &cfg.postgres.columns;
+    let mut cols = vec![
+        format!("  {} uuid PRIMARY KEY DEFAULT gen_random_uuid()", c.id),
+        format!("  {} text NOT NULL", c.aggregate_type),
+        format!("  {} text NOT NULL", c.aggregate_id),
+        format!("  {} text NOT NULL", c.event_type),
+        format!("  {} jsonb NOT NULL", c.payload),
+    ];
+    for (name, ty) in [
+        (&c.correlation_id, "text"),
+        (&c.causation_id, "text"),
+        (&c.headers, "jsonb"),
+        (&c.created_at, "timestamptz NOT NULL DEFAULT now()"),
+        (&c.content_type, "text"),
+    ] {
+        if !name.is_empty() {
+            cols.push(format!("  {name} {ty}"));
+        }
+    }
+    format!(
+        "CREATE TABLE IF NOT EXISTS {schema}.{table} (\n{}\n);",
+        cols.join(",\n")
+    )
+}
+
+/// `pg_create_logical_replication_slot` for the configured slot.
+pub fn create_slot_sql(cfg: &Config) -> String {
+    format!(
+        "SELECT pg_create_logical_replication_slot('{}', 'pgoutput');",
+        cfg.postgres.slot
+    )
+}
