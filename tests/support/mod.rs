@@ -1,0 +1,571 @@
+//! Test harness: real services on free ports, stopped on drop.
+//!
+//! - [`Postgres`]: a throw-away cluster (`initdb` into a temp dir, `wal_level=logical`
+//!   by default), run as the `postgres` user when the tests run as root.
+//! - [`Nats`]: `nats-server -js` with its own store directory; can be stopped and
+//!   started again on the same port for outage tests.
+//! - [`Relay`]: the `outboxd` binary as a child process with a generated config.
+//!
+//! Nothing here fakes a service: every test talks to the real server processes.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind :0")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn is_root() -> bool {
+    // `id -u` rather than libc::geteuid keeps the crate free of unsafe code.
+    let out = Command::new("id").arg("-u").output().expect("id -u");
+    String::from_utf8_lossy(&out.stdout).trim() == "0"
+}
+
+/// Postgres's server binaries (initdb, pg_ctl, postgres).
+fn pg_bindir() -> PathBuf {
+    if let Ok(dir) = std::env::var("OUTBOXD_TEST_PG_BINDIR") {
+        return PathBuf::from(dir);
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    candidates.retain(|p| p.join("initdb").exists());
+    candidates.sort_by_key(|p| {
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    });
+    candidates
+        .pop()
+        .expect("PostgreSQL server binaries not found: run `make test` (installs postgresql)")
+}
+
+/// Runs a command as the `postgres` user when we are root (initdb refuses root).
+fn as_pg_user(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A throw-away PostgreSQL cluster.
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    bin: PathBuf,
+    wal_level: String,
+}
+
+impl Postgres {
+    /// A cluster with `wal_level=logical`.
+    pub fn start() -> Self {
+        Self::start_with("logical")
+    }
+
+    /// A cluster with the given `wal_level`.
+    pub fn start_with(wal_level: &str) -> Self {
+        let bin = pg_bindir();
+        let dir = tempfile::Builder::new()
+            .prefix("outboxd-pg-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        let data = dir.path().join("data");
+        let status = as_pg_user(&bin.join("initdb"))
+            .args(["-D"])
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run initdb");
+        assert!(status.success(), "initdb failed");
+        let pg = Self {
+            dir,
+            port: free_port(),
+            bin,
+            wal_level: wal_level.to_string(),
+        };
+        pg.pg_ctl_start();
+        pg
+    }
+
+    fn pg_ctl_start(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c wal_level={} -c max_wal_senders=20 \
+             -c max_replication_slots=20 -c fsync=off -c synchronous_commit=off \
+             -c wal_sender_timeout=30s",
+            self.port,
+            self.dir.path().display(),
+            self.wal_level
+        );
+        let status = as_pg_user(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .args(["-o", &opts, "-w", "-t", "60", "start"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run pg_ctl start");
+        assert!(status.success(), "pg_ctl start failed; log: {}", self.log());
+    }
+
+    /// Stops the server (fast mode: clients are disconnected).
+    pub fn stop(&self) {
+        let _ = as_pg_user(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "fast", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// Stops and starts the server on the same port.
+    pub fn restart(&self) {
+        self.stop();
+        self.pg_ctl_start();
+    }
+
+    /// Server log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    /// URL for the superuser `postgres`, database `postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// A SQL client.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect to test postgres");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    /// Creates the default outbox table.
+    pub async fn create_outbox(&self) {
+        self.client()
+            .await
+            .batch_execute(OUTBOX_DDL)
+            .await
+            .expect("create outbox");
+    }
+
+    /// The slot's confirmed flush LSN as a number, if the slot exists.
+    pub async fn confirmed_lsn(&self, slot: &str) -> Option<u64> {
+        let row = self
+            .client()
+            .await
+            .query_opt(
+                "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .expect("query slot")?;
+        row.get::<_, Option<i64>>(0).map(|v| v as u64)
+    }
+
+    /// Server PID streaming from `slot`, if any.
+    pub async fn slot_active_pid(&self, slot: &str) -> Option<i32> {
+        self.client()
+            .await
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .expect("query slot")
+            .and_then(|r| r.get::<_, Option<i32>>(0))
+    }
+
+    /// Waits until a relay streams from `slot` (rows committed before the slot existed
+    /// are not in it: a test must not write before this).
+    pub async fn wait_streaming(&self, slot: &str) {
+        assert!(
+            wait_for(Duration::from_secs(30), || async {
+                self.slot_active_pid(slot).await.is_some()
+            })
+            .await,
+            "no relay streams from slot {slot}"
+        );
+    }
+
+    /// The server's current WAL insert position.
+    pub async fn current_lsn(&self) -> u64 {
+        let row = self
+            .client()
+            .await
+            .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
+            .await
+            .expect("current lsn");
+        row.get::<_, i64>(0) as u64
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = as_pg_user(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The default outbox table of the README.
+pub const OUTBOX_DDL: &str = "CREATE TABLE public.outbox (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    aggregate_type text NOT NULL,
+    aggregate_id text NOT NULL,
+    event_type text NOT NULL,
+    payload jsonb NOT NULL,
+    correlation_id text,
+    causation_id text,
+    headers jsonb,
+    created_at timestamptz NOT NULL DEFAULT now()
+);";
+
+/// A `nats-server -js` on a free port.
+pub struct Nats {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Nats {
+    /// Starts a server and waits until it accepts connections.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("outboxd-nats-")
+            .tempdir()
+            .expect("tempdir");
+        let mut n = Self {
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        n.resume();
+        n
+    }
+
+    /// Starts the (stopped) server again on the same port and store.
+    pub fn resume(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let bin =
+            which("nats-server").expect("nats-server not found: run `make test` (installs it)");
+        let child = Command::new(bin)
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("log")).expect("log file"))
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server (SIGKILL: an outage, not a goodbye).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Client URL.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// A JetStream context.
+    pub async fn jetstream(&self) -> jetstream::Context {
+        let client = async_nats::connect(self.url())
+            .await
+            .expect("connect to test nats");
+        jetstream::new(client)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One message read back from the stream.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub subject: String,
+    pub headers: std::collections::HashMap<String, String>,
+    pub payload: Vec<u8>,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// All messages in `stream`, in stream order (empty if the stream does not exist).
+pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<Received> {
+    let Ok(mut s) = js.get_stream(stream).await else {
+        return Vec::new();
+    };
+    let Ok(info) = s.info().await else {
+        return Vec::new();
+    };
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let mut out = Vec::new();
+    if info.state.messages == 0 {
+        return out;
+    }
+    for seq in first..=last {
+        let Ok(m) = s.get_raw_message(seq).await else {
+            continue;
+        };
+        let headers = m
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    v.first().map(|v| v.to_string()).unwrap_or_default(),
+                )
+            })
+            .collect();
+        out.push(Received {
+            subject: m.subject.to_string(),
+            headers,
+            payload: m.payload.to_vec(),
+        });
+    }
+    out
+}
+
+/// Number of messages in `stream` (0 if it does not exist).
+pub async fn stream_len(js: &jetstream::Context, stream: &str) -> u64 {
+    match js.get_stream(stream).await {
+        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Polls `cond` until it holds or `timeout` passes; returns whether it held.
+pub async fn wait_for<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `outboxd` as a child process.
+pub struct Relay {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Relay {
+    /// Writes `config` to a file and runs `outboxd run --config <file>`.
+    pub fn spawn(config: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("outboxd-relay-")
+            .tempdir()
+            .expect("tempdir");
+        let mut r = Self { child: None, dir };
+        std::fs::write(r.config_path(), config).expect("write config");
+        r.start();
+        r
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("outboxd.toml")
+    }
+
+    /// (Re)starts the process with the same config; output is appended to files.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let append = |name: &str| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join(name))
+                .expect("log file")
+        };
+        let child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+            .args(["run", "--config"])
+            .arg(self.config_path())
+            .env("RUST_LOG", "outboxd=debug,info")
+            .stdout(append("stdout"))
+            .stderr(append("stderr"))
+            .spawn()
+            .expect("spawn outboxd");
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits up to `timeout` for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Exit status if it has exited.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- outboxd stderr ---\n{}", self.stderr());
+        }
+    }
+}
+
+/// A config for the relay against `pg` and (optionally) `nats`; `overrides` are
+/// `("section", "key", "toml value")` triples that replace or add keys.
+pub fn config(pg: &Postgres, nats: Option<&Nats>, overrides: &[(&str, &str, &str)]) -> String {
+    use std::collections::BTreeMap;
+    let mut sections: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    let mut set = |sec: &str, key: &str, val: String| {
+        sections
+            .entry(sec.to_string())
+            .or_default()
+            .insert(key.to_string(), val);
+    };
+    set("postgres", "url", format!("\"{}\"", pg.url()));
+    set("postgres", "status_interval_ms", "200".into());
+    set("cloudevents", "source", "\"/test/orders\"".into());
+    set("http", "listen", format!("\"127.0.0.1:{}\"", free_port()));
+    set("log", "format", "\"text\"".into());
+    set("retry", "initial_backoff_ms", "50".into());
+    set("retry", "max_backoff_ms", "1000".into());
+    match nats {
+        Some(n) => {
+            set("sink", "kind", "\"nats\"".into());
+            set("nats", "url", format!("\"{}\"", n.url()));
+        }
+        None => set("sink", "kind", "\"stdout\"".into()),
+    }
+    for (sec, key, val) in overrides {
+        set(sec, key, (*val).to_string());
+    }
+    let mut out = String::new();
+    for (sec, kv) in sections {
+        out.push_str(&format!("[{sec}]\n"));
+        for (k, v) in kv {
+            out.push_str(&format!("{k} = {v}\n"));
+        }
+    }
+    out
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(name))
+        .chain(
+            ["/usr/sbin", "/usr/bin", "/usr/local/bin"]
+                .iter()
+                .map(|d| Path::new(d).join(name)),
+        )
+        .find(|p| p.exists())
+}
