@@ -1,0 +1,37 @@
+-- Database setup for outboxd, least privilege. Run once per database, by a DBA,
+-- e.g.  psql "postgres://admin@orders-db/orders" -v password="$OUTBOXD_PASSWORD" -f least-privilege.sql
+--
+-- Server prerequisites (postgresql.conf, restart needed):
+--   wal_level = logical, max_replication_slots >= 1 per outboxd, max_wal_senders >= the same.
+-- Managed services: RDS/Aurora  rds.logical_replication = 1 and GRANT rds_replication TO outboxd;
+--                   Cloud SQL   cloudsql.logical_decoding = on and ALTER ROLE outboxd REPLICATION as cloudsqlsuperuser.
+--
+-- pg_hba.conf must allow the role to connect to the database (a logical
+-- replication connection is a normal "host <db> outboxd" line, not "replication").
+
+\set ON_ERROR_STOP on
+
+-- 1. A dedicated login role: REPLICATION lets it create and stream from its
+--    slot; it is not a superuser and owns nothing.
+CREATE ROLE outboxd WITH LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE
+    PASSWORD :'password';
+
+-- 2. Read access to the outbox table only (the initial slot snapshot and the
+--    publication checks read it; outboxd never writes).
+GRANT CONNECT ON DATABASE :"DBNAME" TO outboxd;
+GRANT USAGE ON SCHEMA public TO outboxd;
+GRANT SELECT ON public.outbox TO outboxd;
+
+-- 3. The publication is created by the table owner (run this part as the
+--    owner, e.g. SET ROLE orders_owner;), so outboxd needs no ownership.
+--    Inserts only: outbox rows are immutable events; deleting old rows
+--    (housekeeping) must not publish anything.
+CREATE PUBLICATION outboxd FOR TABLE public.outbox WITH (publish = 'insert');
+
+-- 4. The replication slot belongs to outboxd (its role has REPLICATION):
+--    "outboxd setup --config FILE" shows what is missing, "--apply" creates it.
+--    When retiring an outboxd, drop its slot, or Postgres keeps WAL for it forever:
+--      SELECT slot_name, active,
+--             pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)) AS retained
+--        FROM pg_replication_slots;
+--      SELECT pg_drop_replication_slot('orders_outboxd');
