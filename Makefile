@@ -19,7 +19,7 @@ lint-deploy:
 	bash scripts/lint-deploy.sh
 
 test: deps
-	$(CARGO) test --locked --all-targets
+	$(CARGO) test --locked --lib --tests
 
 demo: deps
 	bash scripts/demo.sh
