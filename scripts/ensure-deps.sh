@@ -13,6 +13,7 @@ command -v cc >/dev/null 2>&1 || need+=(gcc)
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v runuser >/dev/null 2>&1 || need+=(util-linux)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)   # promtool checks /metrics output
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
@@ -21,9 +22,16 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
   echo "ensure-deps: installing ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  # The postgresql package may try to start a cluster; the tests never use it.
-  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  apt-get update -qq </dev/null
+  # Packages (postgresql, prometheus) must not start their own services: the tests
+  # start their own on free ports. policy-rc.d tells invoke-rc.d to start nothing.
+  policy=/usr/sbin/policy-rc.d
+  created_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; created_policy=1
+  fi
+  apt-get install -y -qq --no-install-recommends "${need[@]}" </dev/null >/dev/null
+  [ -n "$created_policy" ] && rm -f "$policy"
 fi
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   # initdb refuses to run as root; the harness runs it as `postgres`.

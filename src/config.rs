@@ -140,6 +140,11 @@ pub struct PostgresConfig {
     pub create_slot: bool,
     /// How often the confirmed LSN is reported to the server at most, in ms. Default 1000.
     pub status_interval_ms: u64,
+    /// Seconds between heartbeat messages that let the slot advance on an idle outbox;
+    /// 0 turns them off. Default 10.
+    pub heartbeat_interval_secs: u64,
+    /// Seconds between reads of the slot's lag and WAL retention. Default 10.
+    pub monitor_interval_secs: u64,
     /// Column names of the outbox table.
     pub columns: ColumnMapping,
 }
@@ -156,6 +161,8 @@ impl Default for PostgresConfig {
             create_publication: true,
             create_slot: true,
             status_interval_ms: 1000,
+            heartbeat_interval_secs: 10,
+            monitor_interval_secs: 10,
             columns: ColumnMapping::default(),
         }
     }
@@ -480,6 +487,9 @@ impl Config {
         identifier("postgres.table", table)?;
         if pg.status_interval_ms == 0 {
             return Err(invalid("postgres.status_interval_ms", "must be > 0"));
+        }
+        if pg.monitor_interval_secs == 0 {
+            return Err(invalid("postgres.monitor_interval_secs", "must be > 0"));
         }
         let c = &pg.columns;
         for (key, v) in [

@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use outboxd::config::{Config, LogFormat};
+use outboxd::health::{Health, Telemetry};
+use outboxd::metrics::Metrics;
 
 /// Exit code for a configuration error (sysexits EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
@@ -114,10 +116,18 @@ fn init_logging(cfg: &Config) {
 async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), sink = ?cfg.sink.kind, slot = %cfg.postgres.slot, "outboxd starting");
-    outboxd::relay::run(Arc::new(cfg), shutdown)
-        .await
-        .context("relay failed")?;
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), sink = ?cfg.sink.kind, slot = %cfg.postgres.slot, http = %cfg.http.listen, "outboxd starting");
+    let telemetry = Arc::new(Telemetry {
+        metrics: Metrics::new()?,
+        health: Health::new(&cfg.postgres.slot, &cfg.postgres.publication),
+    });
+    // The endpoints keep answering while the relay drains; they stop after it.
+    let http_stop = CancellationToken::new();
+    let http = outboxd::http::bind(&cfg.http.listen, telemetry.clone(), http_stop.clone()).await?;
+    let result = outboxd::relay::run(Arc::new(cfg), telemetry, shutdown).await;
+    http_stop.cancel();
+    let _ = http.await;
+    result.context("relay failed")?;
     tracing::info!("outboxd stopped cleanly");
     Ok(ExitCode::SUCCESS)
 }

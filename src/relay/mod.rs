@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff;
 use crate::config::Config;
 use crate::event::{to_cloudevent, Position};
+use crate::health::{Role, Telemetry};
 use crate::outbox::OutboxRow;
 use crate::sink::{Delivered, Envelope, Sink, SinkError};
 use crate::source::control::Control;
@@ -63,37 +64,97 @@ struct Item {
     txn: TxnId,
     env: Envelope,
     attempt: u32,
+    /// Commit time, Unix µs (end-to-end latency).
+    commit_micros: i64,
+}
+
+/// What the loop needs besides the stream: config, sink, telemetry.
+struct Ctx<'a> {
+    cfg: &'a Config,
+    sink: &'a Arc<Sink>,
+    t: &'a Telemetry,
+    /// `outboxd_publish_duration_seconds{sink}`, resolved once.
+    publish_duration: prometheus::Histogram,
 }
 
 type InFlight = FuturesUnordered<BoxFuture<'static, (Item, Result<Delivered, SinkError>)>>;
 
 /// Runs until `shutdown` is cancelled (returns `Ok`) or a fatal error.
-pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), RelayError> {
-    let Some(sink) = retrying(&cfg, &shutdown, "connect to the broker", || {
-        Sink::connect(&cfg)
-    })
-    .await?
+pub async fn run(
+    cfg: Arc<Config>,
+    telemetry: Arc<Telemetry>,
+    shutdown: CancellationToken,
+) -> Result<(), RelayError> {
+    let monitor = tokio::spawn(crate::source::monitor::run(
+        cfg.clone(),
+        telemetry.clone(),
+        shutdown.child_token(),
+    ));
+    let result = run_sessions(&cfg, &telemetry, &shutdown).await;
+    monitor.abort();
+    telemetry.metrics.set_streaming(false);
+    result
+}
+
+async fn run_sessions(
+    cfg: &Config,
+    t: &Telemetry,
+    shutdown: &CancellationToken,
+) -> Result<(), RelayError> {
+    let connect = || Sink::connect(cfg);
+    let Some(sink) = retrying(cfg, t, shutdown, "connect to the broker", "broker", connect).await?
     else {
         return Ok(());
     };
     let sink = Arc::new(sink);
+    let publish_duration = t.metrics.publish_duration.with_label_values(&[sink.name()]);
+    let ctx = Ctx {
+        cfg,
+        sink: &sink,
+        t,
+        publish_duration,
+    };
     let mut attempt = 0u32;
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        match session(&cfg, &sink, &shutdown).await {
+        let result = session(&ctx, shutdown).await;
+        t.health.set_ready();
+        t.health.set_role(Role::Connecting);
+        t.metrics.set_streaming(false);
+        match result {
             Ok(()) => return Ok(()),
             Err(RelayError::Source(e)) if e.is_retryable() => {
                 let wait = backoff::delay(&cfg.retry, attempt);
                 attempt = attempt.saturating_add(1);
+                t.metrics.reconnects.with_label_values(&["postgres"]).inc();
+                t.health.set_error(Some(e.to_string()));
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "postgres unavailable; reconnecting");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(wait) => {}
+                if pause(wait, t, shutdown).await {
+                    return Ok(());
                 }
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                t.health.set_error(Some(e.to_string()));
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Sleeps `d` while ticking the watchdog; true when shutdown came first.
+async fn pause(d: Duration, t: &Telemetry, shutdown: &CancellationToken) -> bool {
+    let deadline = tokio::time::Instant::now() + d;
+    loop {
+        t.health.tick();
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return true,
+            _ = tokio::time::sleep((deadline - now).min(Duration::from_secs(1))) => {}
         }
     }
 }
@@ -101,8 +162,10 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> Result<(), Re
 /// Calls `f` until it succeeds, a non-retryable error, or shutdown (`Ok(None)`).
 async fn retrying<T, E, F, Fut>(
     cfg: &Config,
+    t: &Telemetry,
     shutdown: &CancellationToken,
     what: &str,
+    component: &str,
     mut f: F,
 ) -> Result<Option<T>, RelayError>
 where
@@ -112,6 +175,7 @@ where
 {
     let mut attempt = 0u32;
     loop {
+        t.health.tick();
         let err = tokio::select! {
             _ = shutdown.cancelled() => return Ok(None),
             r = f() => match r {
@@ -119,6 +183,8 @@ where
                 Err(e) => e.into(),
             },
         };
+        t.health.set_ready();
+        t.health.set_error(Some(err.to_string()));
         let retryable = match &err {
             RelayError::Source(e) => e.is_retryable(),
             RelayError::Sink(e) => e.is_retryable(),
@@ -129,44 +195,62 @@ where
         }
         let wait = backoff::delay(&cfg.retry, attempt);
         attempt = attempt.saturating_add(1);
+        t.metrics.reconnects.with_label_values(&[component]).inc();
         tracing::warn!(error = %err, retry_in_ms = wait.as_millis() as u64, "cannot {what}; retrying");
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(None),
-            _ = tokio::time::sleep(wait) => {}
+        if pause(wait, t, shutdown).await {
+            return Ok(None);
         }
     }
 }
 
 /// Sets up the publication and slot, then streams until shutdown or an error.
-async fn session(
-    cfg: &Config,
-    sink: &Arc<Sink>,
-    shutdown: &CancellationToken,
-) -> Result<(), RelayError> {
-    let control = Control::connect(cfg).await?;
-    control.ensure_publication(cfg).await?;
-    let slot = control.ensure_slot(cfg).await?;
-    drop(control);
-    let mut stream = Stream::start(cfg, slot.confirmed_flush_lsn).await?;
-    tracing::info!(slot = %cfg.postgres.slot, start_lsn = %lsn_text(slot.confirmed_flush_lsn), sink = sink.name(), "streaming");
+async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), RelayError> {
+    let (cfg, t) = (ctx.cfg, ctx.t);
+    // Bounded: a half-open connection must turn into a retry, not a hang.
+    let setup = async {
+        let control = Control::connect(cfg).await?;
+        control.ensure_publication(cfg).await?;
+        let slot = control.ensure_slot(cfg).await?;
+        let stream = Stream::start(cfg, slot.confirmed_flush_lsn).await?;
+        Ok::<_, SourceError>((slot, stream))
+    };
+    let (slot, mut stream) = tokio::time::timeout(Duration::from_secs(60), setup)
+        .await
+        .map_err(|_| SourceError::Connection("set-up took longer than 60 s".into()))??;
+    t.health.set_ready();
+    t.health.set_role(Role::Streaming);
+    t.health.set_confirmed(slot.confirmed_flush_lsn);
+    t.metrics.set_streaming(true);
+    tracing::info!(slot = %cfg.postgres.slot, start_lsn = %lsn_text(slot.confirmed_flush_lsn), sink = ctx.sink.name(), "streaming");
 
     let mut progress = Progress::default();
     let mut gate: Gate<Item> = Gate::default();
     let mut in_flight: InFlight = FuturesUnordered::new();
     let mut txn: Option<(TxnId, Position)> = None;
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
     let max = cfg.sink.max_in_flight;
 
     let outcome: Result<(), RelayError> = loop {
-        let room = in_flight.len() + gate.parked() < max;
+        let held = in_flight.len() + gate.parked();
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
+            _ = ticker.tick() => {
+                t.health.tick();
+                let lag = progress.oldest_commit_micros().map_or(0.0, |c| {
+                    (chrono::Utc::now().timestamp_micros() - c).max(0) as f64 / 1e6
+                });
+                t.metrics.lag_seconds.set(lag);
+                t.health.set_lag_seconds(lag);
+                t.metrics.events_in_flight.set(held as i64);
+            }
             Some((item, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                if let Err(e) = on_result(cfg, sink, &mut progress, &mut gate, &in_flight, &stream, item, result) {
+                let r = on_result(ctx, &mut progress, &mut gate, &in_flight, &stream, item, result);
+                if let Err(e) = r {
                     break Err(e);
                 }
             }
-            change = stream.next(), if room => {
+            change = stream.next(), if held < max => {
                 let change = match change {
                     Ok(Some(c)) => c,
                     Ok(None) => break Err(SourceError::Connection("replication stream ended".into()).into()),
@@ -174,22 +258,27 @@ async fn session(
                 };
                 match change {
                     Change::Begin { commit_lsn, commit_time, .. } => {
-                        txn = Some((progress.begin(), Position { commit_lsn, commit_time, index: 0 }));
+                        let id = progress.begin(commit_time.timestamp_micros());
+                        txn = Some((id, Position { commit_lsn, commit_time, index: 0 }));
                     }
                     Change::Row(row) => {
+                        t.metrics.events_received.inc();
                         let Some((id, pos)) = txn.as_mut() else { continue };
                         match envelope(cfg, *row, pos) {
                             Ok(env) => {
                                 progress.add(*id);
-                                let item = Item { txn: *id, env, attempt: 0 };
-                                if let Some(item) = gate.admit(&item.env.aggregate_id.clone(), item) {
-                                    in_flight.push(deliver(sink.clone(), item, Duration::ZERO));
+                                let key = env.aggregate_id.clone();
+                                let commit_micros = pos.commit_time.timestamp_micros();
+                                let item = Item { txn: *id, env, attempt: 0, commit_micros };
+                                if let Some(item) = gate.admit(&key, item) {
+                                    in_flight.push(deliver(ctx, item, Duration::ZERO));
                                 }
                             }
-                            Err((row_id, reason)) => {
+                            Err((row_id, reason, code)) => {
                                 // Poison row. `dead_letter` arrives with the failure-handling
                                 // work; until then every policy halts here, before the LSN
                                 // can move past the row.
+                                t.metrics.poison_events.with_label_values(&[code, "halt"]).inc();
                                 tracing::error!(event_id = %row_id, %reason, "invalid outbox row");
                                 break Err(RelayError::Halted { id: row_id, reason, policy_key: "on_invalid" });
                             }
@@ -199,7 +288,7 @@ async fn session(
                     Change::Commit { end_lsn } => {
                         if let Some((id, _)) = txn.take() {
                             if let Some(lsn) = progress.commit(id, end_lsn) {
-                                stream.confirm(lsn);
+                                confirm(&stream, t, lsn);
                             }
                         }
                     }
@@ -208,7 +297,7 @@ async fn session(
                         // decoded before `wal_end` is handled, so the slot may move there.
                         // This keeps WAL of other tables from piling up behind an idle outbox.
                         if txn.is_none() && progress.is_idle() {
-                            stream.confirm(wal_end);
+                            confirm(&stream, t, wal_end);
                         }
                     }
                 }
@@ -217,24 +306,33 @@ async fn session(
     };
 
     if outcome.is_ok() {
-        drain(cfg, &mut progress, &mut gate, &mut in_flight, &stream).await;
+        drain(ctx, &mut progress, &mut gate, &mut in_flight, &stream).await;
     }
+    t.metrics.events_in_flight.set(0);
     stream.close(Duration::from_secs(5)).await;
     outcome
 }
 
-/// Builds the envelope, or names the poison row and why.
+fn confirm(stream: &Stream, t: &Telemetry, lsn: u64) {
+    stream.confirm(lsn);
+    t.health.set_confirmed(lsn);
+}
+
+/// Builds the envelope, or names the poison row, why, and a reason code.
 fn envelope(
     cfg: &Config,
     row: Result<OutboxRow, crate::outbox::OutboxError>,
     pos: &Position,
-) -> Result<Envelope, (String, String)> {
-    let row = row.map_err(|e| match e {
-        crate::outbox::OutboxError::Invalid { id, reason } => (id, reason),
-        other => ("<unknown>".to_string(), other.to_string()),
+) -> Result<Envelope, (String, String, &'static str)> {
+    let row = row.map_err(|e| {
+        let code = e.reason_code();
+        match e {
+            crate::outbox::OutboxError::Invalid { id, reason } => (id, reason, code),
+            other => ("<unknown>".to_string(), other.to_string(), code),
+        }
     })?;
-    let event =
-        to_cloudevent(&row, pos, &cfg.cloudevents).map_err(|e| (row.id.clone(), e.to_string()))?;
+    let event = to_cloudevent(&row, pos, &cfg.cloudevents)
+        .map_err(|e| (row.id.clone(), e.to_string(), e.reason_code()))?;
     Ok(Envelope {
         event,
         aggregate_type: row.aggregate_type,
@@ -244,10 +342,8 @@ fn envelope(
 }
 
 /// Handles one publish outcome: ack and release the key, retry, or stop.
-#[allow(clippy::too_many_arguments)]
 fn on_result(
-    cfg: &Config,
-    sink: &Arc<Sink>,
+    ctx: &Ctx<'_>,
     progress: &mut Progress,
     gate: &mut Gate<Item>,
     in_flight: &InFlight,
@@ -255,27 +351,38 @@ fn on_result(
     item: Item,
     result: Result<Delivered, SinkError>,
 ) -> Result<(), RelayError> {
+    let (m, sink) = (&ctx.t.metrics, ctx.sink.name());
     match result {
-        Ok(_delivered) => {
+        Ok(delivered) => {
+            acknowledged(ctx.t, sink, &item, &delivered);
             if let Some(lsn) = progress.ack(item.txn) {
-                stream.confirm(lsn);
+                confirm(stream, ctx.t, lsn);
             }
             if let Some(next) = gate.release(&item.env.aggregate_id) {
-                in_flight.push(deliver(sink.clone(), next, Duration::ZERO));
+                in_flight.push(deliver(ctx, next, Duration::ZERO));
             }
             Ok(())
         }
         Err(e) if e.is_retryable() => {
-            let wait = backoff::delay(&cfg.retry, item.attempt);
+            m.publish_errors
+                .with_label_values(&[sink, e.reason()])
+                .inc();
+            let wait = backoff::delay(&ctx.cfg.retry, item.attempt);
             tracing::warn!(event_id = %item.env.event.id(), attempt = item.attempt + 1, reason = e.reason(), error = %e, retry_in_ms = wait.as_millis() as u64, "publish failed; retrying");
             let item = Item {
                 attempt: item.attempt.saturating_add(1),
                 ..item
             };
-            in_flight.push(deliver(sink.clone(), item, wait));
+            in_flight.push(deliver(ctx, item, wait));
             Ok(())
         }
         Err(e @ SinkError::Rejected { .. }) => {
+            m.publish_errors
+                .with_label_values(&[sink, e.reason()])
+                .inc();
+            m.poison_events
+                .with_label_values(&[e.reason(), "halt"])
+                .inc();
             let id = item.env.event.id().to_string();
             tracing::error!(event_id = %id, reason = e.reason(), error = %e, "broker rejected event");
             Err(RelayError::Halted {
@@ -284,31 +391,51 @@ fn on_result(
                 policy_key: "on_rejected",
             })
         }
-        Err(e) => Err(e.into()),
+        Err(e) => {
+            m.publish_errors
+                .with_label_values(&[sink, e.reason()])
+                .inc();
+            Err(e.into())
+        }
     }
+}
+
+/// Metrics of one acknowledged event.
+fn acknowledged(t: &Telemetry, sink: &str, item: &Item, d: &Delivered) {
+    let m = &t.metrics;
+    m.published(sink, &d.destination);
+    if d.duplicate {
+        m.duplicates.with_label_values(&[sink]).inc();
+    }
+    let now = chrono::Utc::now();
+    m.end_to_end_latency
+        .observe((now.timestamp_micros() - item.commit_micros).max(0) as f64 / 1e6);
+    m.last_ack_timestamp_seconds
+        .set(now.timestamp_micros() as f64 / 1e6);
 }
 
 /// Waits (bounded by `sink.shutdown_timeout_secs`) for in-flight events to be
 /// acknowledged so their LSN is confirmed before we exit. Nothing new is read, no
 /// failed publish is retried: what is not acknowledged is sent again after restart.
 async fn drain(
-    cfg: &Config,
+    ctx: &Ctx<'_>,
     progress: &mut Progress,
     gate: &mut Gate<Item>,
     in_flight: &mut InFlight,
     stream: &Stream,
 ) {
     let deadline =
-        tokio::time::Instant::now() + Duration::from_secs(cfg.sink.shutdown_timeout_secs);
+        tokio::time::Instant::now() + Duration::from_secs(ctx.cfg.sink.shutdown_timeout_secs);
     let pending = in_flight.len();
     while !in_flight.is_empty() {
         let next = tokio::time::timeout_at(deadline, in_flight.next()).await;
         let Ok(Some((item, result))) = next else {
             break;
         };
-        if result.is_ok() {
+        if let Ok(delivered) = &result {
+            acknowledged(ctx.t, ctx.sink.name(), &item, delivered);
             if let Some(lsn) = progress.ack(item.txn) {
-                stream.confirm(lsn);
+                confirm(stream, ctx.t, lsn);
             }
         }
         // Parked events of this key are not started: the slot will resend them.
@@ -322,15 +449,18 @@ async fn drain(
 }
 
 fn deliver(
-    sink: Arc<Sink>,
+    ctx: &Ctx<'_>,
     item: Item,
     wait: Duration,
 ) -> BoxFuture<'static, (Item, Result<Delivered, SinkError>)> {
+    let (sink, timer) = (ctx.sink.clone(), ctx.publish_duration.clone());
     Box::pin(async move {
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
+        let started = std::time::Instant::now();
         let r = sink.publish(&item.env).await;
+        timer.observe(started.elapsed().as_secs_f64());
         (item, r)
     })
 }

@@ -13,6 +13,8 @@ pub type TxnId = u64;
 
 #[derive(Debug)]
 struct Txn {
+    /// Commit time in Unix microseconds (for the lag in seconds).
+    commit_micros: i64,
     /// Set at Commit; `None` while rows are still arriving.
     end_lsn: Option<u64>,
     /// Events handed out and not yet acknowledged.
@@ -28,9 +30,11 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// Starts a transaction; it cannot be confirmed before its `commit`.
-    pub fn begin(&mut self) -> TxnId {
+    /// Starts a transaction committed at `commit_micros` (Unix µs); it cannot be
+    /// confirmed before its `commit`.
+    pub fn begin(&mut self, commit_micros: i64) -> TxnId {
         self.txns.push_back(Txn {
+            commit_micros,
             end_lsn: None,
             remaining: 0,
         });
@@ -66,6 +70,11 @@ impl Progress {
         self.txns.is_empty()
     }
 
+    /// Commit time (Unix µs) of the oldest transaction not yet confirmed.
+    pub fn oldest_commit_micros(&self) -> Option<i64> {
+        self.txns.front().map(|t| t.commit_micros)
+    }
+
     /// Transactions not yet confirmed (open or waiting for acks).
     pub fn pending_transactions(&self) -> usize {
         self.txns.len()
@@ -99,11 +108,11 @@ mod tests {
     #[test]
     fn confirms_only_a_fully_acknowledged_prefix() {
         let mut p = Progress::default();
-        let a = p.begin();
+        let a = p.begin(0);
         p.add(a);
         p.add(a);
         assert_eq!(p.commit(a, 100), None);
-        let b = p.begin();
+        let b = p.begin(0);
         p.add(b);
         assert_eq!(p.commit(b, 200), None);
         // b's event is acknowledged first: nothing may move, a is still pending.
@@ -112,12 +121,13 @@ mod tests {
         // The last of a's events releases both, at once, to b's end.
         assert_eq!(p.ack(a), Some(200));
         assert!(p.is_idle());
+        assert_eq!(p.oldest_commit_micros(), None);
     }
 
     #[test]
     fn an_open_transaction_blocks_even_when_acked() {
         let mut p = Progress::default();
-        let a = p.begin();
+        let a = p.begin(0);
         p.add(a);
         assert_eq!(p.ack(a), None, "rows may still come");
         assert_eq!(p.commit(a, 10), Some(10));
@@ -126,7 +136,7 @@ mod tests {
     #[test]
     fn empty_transactions_confirm_at_commit() {
         let mut p = Progress::default();
-        let a = p.begin();
+        let a = p.begin(0);
         assert_eq!(p.commit(a, 42), Some(42));
         assert_eq!(p.pending_transactions(), 0);
     }
@@ -135,7 +145,7 @@ mod tests {
     fn ids_stay_valid_after_the_front_moves() {
         let mut p = Progress::default();
         for i in 0..1000u64 {
-            let t = p.begin();
+            let t = p.begin(0);
             assert_eq!(t, i);
             p.add(t);
             assert_eq!(p.commit(t, i * 10), None);

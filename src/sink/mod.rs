@@ -90,10 +90,12 @@ impl Envelope {
 }
 
 /// A successful delivery.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivered {
     /// The broker said it already had this event id (deduplicated).
     pub duplicate: bool,
+    /// Where it went (subject, topic), for metrics.
+    pub destination: String,
 }
 
 /// The configured sink. An enum rather than a trait object: the set is closed and

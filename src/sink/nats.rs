@@ -66,12 +66,13 @@ impl NatsSink {
         let (headers, body) = encode(&env.event, self.mode)?;
         let ack_future = self
             .js
-            .publish_with_headers(subject, headers, body)
+            .publish_with_headers(subject.clone(), headers, body)
             .await
             .map_err(classify)?;
         let ack = ack_future.await.map_err(classify)?;
         Ok(Delivered {
             duplicate: ack.duplicate,
+            destination: subject,
         })
     }
 }

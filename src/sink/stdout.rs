@@ -35,6 +35,9 @@ impl StdoutSink {
                 sink: "stdout",
                 detail: format!("write failed: {e}"),
             })?;
-        Ok(Delivered { duplicate: false })
+        Ok(Delivered {
+            duplicate: false,
+            destination: "stdout".to_string(),
+        })
     }
 }

@@ -20,6 +20,23 @@ pub struct SlotInfo {
     pub active_pid: Option<i32>,
 }
 
+/// Position and WAL retention of the slot, as the server sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotStats {
+    /// Server WAL position (`pg_current_wal_lsn`).
+    pub server_lsn: u64,
+    /// Confirmed flush LSN.
+    pub confirmed_flush_lsn: u64,
+    /// Server position minus confirmed flush LSN.
+    pub lag_bytes: i64,
+    /// Server position minus restart_lsn: WAL kept on disk for the slot.
+    pub retained_bytes: i64,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    /// Bytes that can still be written before the slot is lost, when limited.
+    pub safe_wal_size: Option<i64>,
+}
+
 /// An open SQL connection.
 pub struct Control {
     client: Client,
@@ -45,6 +62,10 @@ pub fn pg_config(cfg: &Config) -> Result<tokio_postgres::Config, SourceError> {
         .map_err(|e| SourceError::Setup(e.to_string()))?
     {
         pg.password(pw.expose());
+    }
+    if pg.get_connect_timeout().is_none() {
+        // A black-holed host must not hang a reconnect loop (or the liveness watchdog).
+        pg.connect_timeout(std::time::Duration::from_secs(10));
     }
     if pg.get_application_name().is_none() {
         pg.application_name("outboxd");
@@ -234,6 +255,43 @@ impl Control {
                 p.slot
             ))
         })
+    }
+
+    /// Position and retention of `slot`, if it exists.
+    pub async fn slot_stats(&self, slot: &str) -> Result<Option<SlotStats>, SourceError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT (pg_current_wal_lsn() - '0/0')::bigint, \
+                        (confirmed_flush_lsn - '0/0')::bigint, \
+                        (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, \
+                        (pg_current_wal_lsn() - restart_lsn)::bigint, \
+                        wal_status, safe_wal_size \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(SourceError::query)?;
+        Ok(row.map(|r| SlotStats {
+            server_lsn: r.get::<_, Option<i64>>(0).unwrap_or(0) as u64,
+            confirmed_flush_lsn: r.get::<_, Option<i64>>(1).unwrap_or(0) as u64,
+            lag_bytes: r.get::<_, Option<i64>>(2).unwrap_or(0),
+            retained_bytes: r.get::<_, Option<i64>>(3).unwrap_or(0),
+            wal_status: r.get(4),
+            safe_wal_size: r.get(5),
+        }))
+    }
+
+    /// Writes a transactional logical decoding message (a heartbeat).
+    pub async fn emit_heartbeat(&self, prefix: &str) -> Result<(), SourceError> {
+        self.client
+            .execute(
+                "SELECT pg_logical_emit_message(true, $1, now()::text)",
+                &[&prefix],
+            )
+            .await
+            .map(|_| ())
+            .map_err(SourceError::query)
     }
 
     /// Runs SQL (for `setup --apply`).

@@ -21,6 +21,7 @@
 //! so a slow broker never trips `wal_sender_timeout`.
 
 pub mod control;
+pub mod monitor;
 pub mod pgoutput;
 
 use std::collections::HashMap;

@@ -1,0 +1,211 @@
+//! Black-box: `/metrics`, `/healthz`, `/readyz`, `/status` and heartbeats, against
+//! real Postgres and nats-server.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{config, free_port, http_get, metric, metric_sum, wait_for, Nats, Postgres, Relay};
+
+fn scrape(port: u16) -> String {
+    http_get(port, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default()
+}
+
+async fn insert_rows(pg: &Postgres, n: usize, agg: &str) {
+    let db = pg.client().await;
+    for i in 0..n {
+        db.execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+             VALUES ('Order', $1, 'Updated', jsonb_build_object('i', $2::int))",
+            &[&agg, &(i as i32)],
+        )
+        .await
+        .expect("insert");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_a_broker_outage_and_probes_stay_green() {
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let mut nats = Nats::start();
+    let port = free_port();
+    let listen = format!("\"127.0.0.1:{port}\"");
+    let _relay = Relay::spawn(&config(
+        &pg,
+        Some(&nats),
+        &[
+            ("http", "listen", &listen),
+            ("postgres", "monitor_interval_secs", "1"),
+            ("postgres", "heartbeat_interval_secs", "1"),
+            ("nats", "ack_timeout_ms", "500"),
+        ],
+    ));
+    pg.wait_streaming("outboxd").await;
+
+    // Given 20 delivered events
+    insert_rows(&pg, 20, "a-1").await;
+    let published = |t: &str| metric_sum(t, "outboxd_events_published_total");
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            published(&scrape(port)) >= 20.0
+        })
+        .await,
+        "{}",
+        scrape(port)
+    );
+    let text = scrape(port);
+    assert_eq!(metric(&text, "outboxd_events_received_total"), Some(20.0));
+    assert_eq!(
+        metric(
+            &text,
+            r#"outboxd_events_published_total{destination="outbox.Order",sink="nats"}"#
+        ),
+        Some(20.0)
+    );
+    assert_eq!(metric(&text, "outboxd_streaming"), Some(1.0));
+    assert_eq!(
+        metric(&text, "outboxd_end_to_end_latency_seconds_count"),
+        Some(20.0)
+    );
+    assert!(metric(&text, "outboxd_last_ack_timestamp_seconds").unwrap_or(0.0) > 1.7e9);
+
+    // When NATS is down and rows keep coming
+    nats.stop();
+    insert_rows(&pg, 50, "a-2").await;
+    // Then lag grows, errors are counted, nothing is published, probes stay green
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            let t = scrape(port);
+            metric(&t, "outboxd_replication_lag_bytes").unwrap_or(0.0) > 0.0
+                && metric(&t, "outboxd_lag_seconds").unwrap_or(0.0) > 0.0
+                && metric_sum(&t, "outboxd_publish_errors_total") > 0.0
+        })
+        .await,
+        "{}",
+        scrape(port)
+    );
+    assert_eq!(published(&scrape(port)), 20.0);
+    assert_eq!(http_get(port, "/healthz").map(|r| r.0), Some(200));
+    assert_eq!(http_get(port, "/readyz").map(|r| r.0), Some(200));
+    let (_, status) = http_get(port, "/status").expect("status");
+    let status: serde_json::Value = serde_json::from_str(&status).expect("json");
+    assert_eq!(status["role"], "streaming");
+    assert_eq!(status["slot"], "outboxd");
+    assert!(status["lag_bytes"].as_i64().unwrap_or(0) > 0, "{status}");
+
+    // When NATS is back
+    nats.resume();
+    // Then everything is delivered and the lag returns to about zero
+    assert!(
+        wait_for(Duration::from_secs(60), || async {
+            let t = scrape(port);
+            published(&t) >= 70.0
+                && metric(&t, "outboxd_replication_lag_bytes").is_some_and(|b| b < 64.0 * 1024.0)
+                && metric(&t, "outboxd_lag_seconds") == Some(0.0)
+        })
+        .await,
+        "{}",
+        scrape(port)
+    );
+    assert_eq!(
+        metric(&scrape(port), "outboxd_events_received_total"),
+        Some(70.0)
+    );
+
+    // And promtool accepts the exposition without warnings
+    let out = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .expect("stdin")
+                .write_all(scrape(port).as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("promtool missing: run `make test` (installs the prometheus package)");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool: {said}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_outbox_slot_advances_while_other_tables_are_written() {
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let db = pg.client().await;
+    db.batch_execute("CREATE TABLE noise (id bigserial PRIMARY KEY, body text)")
+        .await
+        .expect("ddl");
+    let _relay = Relay::spawn(&config(
+        &pg,
+        None,
+        &[("postgres", "heartbeat_interval_secs", "1")],
+    ));
+    pg.wait_streaming("outboxd").await;
+
+    // Given lots of WAL from another table and none from the outbox
+    db.execute(
+        "INSERT INTO noise (body) SELECT repeat('x', 500) FROM generate_series(1, 5000)",
+        &[],
+    )
+    .await
+    .expect("noise");
+    let after_noise = pg.current_lsn().await;
+    // Then the slot's confirmed position moves past it (heartbeats / keepalives)
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            pg.confirmed_lsn("outboxd").await.unwrap_or(0) >= after_noise
+        })
+        .await,
+        "confirmed {:?} < {after_noise}",
+        pg.confirmed_lsn("outboxd").await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_postgres_is_ready_live_and_reports_without_secrets() {
+    let port = free_port();
+    let dead_pg = free_port();
+    let cfg = format!(
+        "[postgres]\nurl = \"postgres://relay:hunter2-secret@127.0.0.1:{dead_pg}/app\"\n\
+         [http]\nlisten = \"127.0.0.1:{port}\"\n[log]\nformat = \"text\"\n\
+         [retry]\ninitial_backoff_ms = 50\nmax_backoff_ms = 200\n"
+    );
+    let relay = Relay::spawn(&cfg);
+    // Given a Postgres that refuses connections, the relay keeps retrying
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            metric_sum(&scrape(port), "outboxd_reconnects_total") >= 2.0
+        })
+        .await
+    );
+    // Then it is live and ready (readiness must not take the app pod out of service)
+    assert_eq!(http_get(port, "/healthz").map(|r| r.0), Some(200));
+    assert_eq!(http_get(port, "/readyz").map(|r| r.0), Some(200));
+    let (_, status) = http_get(port, "/status").expect("status");
+    let v: serde_json::Value = serde_json::from_str(&status).expect("json");
+    assert_eq!(v["role"], "connecting");
+    assert!(
+        v["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{status}"
+    );
+    assert_eq!(metric(&scrape(port), "outboxd_streaming"), Some(0.0));
+    // and the password appears nowhere
+    for text in [status, scrape(port), relay.stderr()] {
+        assert!(!text.contains("hunter2-secret"), "secret leaked: {text}");
+    }
+}
