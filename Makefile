@@ -1,7 +1,7 @@
 # outboxd: the two commands of the README, and their pieces.
 #   make demo   build, start a throw-away Postgres (+ nats-server), relay sample events
 #   make test   install what is missing, then the whole test suite
-.PHONY: test demo deps lint lint-deploy build
+.PHONY: test demo deps lint lint-deploy build build-release
 
 CARGO ?= cargo
 
@@ -10,6 +10,10 @@ deps:
 
 build: deps
 	$(CARGO) build --locked --all-targets
+
+# The Dockerfile's build stage command, with its flags, so the image build cannot rot.
+build-release: deps
+	LIBZ_SYS_STATIC=1 $(CARGO) build --release --locked --bin outboxd
 
 lint:
 	$(CARGO) fmt --check
