@@ -19,6 +19,12 @@ pub fn delay(cfg: &RetryConfig, attempt: u32) -> Duration {
     Duration::from_millis(rand::rng().random_range(cap / 2..=cap))
 }
 
+/// A uniform delay between half and one and a half times `around`.
+pub fn jittered(around: Duration) -> Duration {
+    let ms = around.as_millis() as u64;
+    Duration::from_millis(rand::rng().random_range(ms / 2..=ms + ms / 2))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -36,6 +42,8 @@ mod tests {
             assert!((400..=800).contains(&d3), "{d3}");
             let d30 = delay(&cfg, 30).as_millis();
             assert!((500..=1000).contains(&d30), "{d30}");
+            let j = jittered(Duration::from_millis(1000)).as_millis();
+            assert!((500..=1500).contains(&j), "{j}");
         }
     }
 }

@@ -145,6 +145,13 @@ pub struct PostgresConfig {
     pub heartbeat_interval_secs: u64,
     /// Seconds between reads of the slot's lag and WAL retention. Default 10.
     pub monitor_interval_secs: u64,
+    /// Create the slot as a PostgreSQL 17 failover slot (`failover = true`), so it is
+    /// synchronized to physical standbys and survives a primary failover. Needs
+    /// PostgreSQL 17+ and `sync_replication_slots` on the standby. Default false.
+    pub failover_slot: bool,
+    /// While another instance streams from the slot, try to take over about this
+    /// often (jittered ±50 %), in ms. Bounds takeover time. Default 1000.
+    pub standby_poll_ms: u64,
     /// Column names of the outbox table.
     pub columns: ColumnMapping,
 }
@@ -163,6 +170,8 @@ impl Default for PostgresConfig {
             status_interval_ms: 1000,
             heartbeat_interval_secs: 10,
             monitor_interval_secs: 10,
+            failover_slot: false,
+            standby_poll_ms: 1000,
             columns: ColumnMapping::default(),
         }
     }
@@ -487,6 +496,9 @@ impl Config {
         identifier("postgres.table", table)?;
         if pg.status_interval_ms == 0 {
             return Err(invalid("postgres.status_interval_ms", "must be > 0"));
+        }
+        if pg.standby_poll_ms < 50 {
+            return Err(invalid("postgres.standby_poll_ms", "must be >= 50 (ms)"));
         }
         if pg.monitor_interval_secs == 0 {
             return Err(invalid("postgres.monitor_interval_secs", "must be > 0"));

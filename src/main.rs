@@ -100,8 +100,16 @@ fn main() -> ExitCode {
 
 fn init_logging(cfg: &Config) {
     use tracing_subscriber::EnvFilter;
+    // pgwire-replication logs every failed session at ERROR, including the routine
+    // "slot is active" of a standby; outboxd reports the same errors itself, once and
+    // classified, so the library is quiet unless asked for by name.
+    let level = if cfg.log.level.contains("pgwire_replication") {
+        cfg.log.level.clone()
+    } else {
+        format!("{},pgwire_replication=off", cfg.log.level)
+    };
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cfg.log.level))
+        .or_else(|_| EnvFilter::try_new(&level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // Logs go to stderr: stdout belongs to the stdout sink.
     let builder = tracing_subscriber::fmt()

@@ -211,3 +211,30 @@ fn every_shipped_config_file_loads() {
         assert!(o.status.success(), "{}: {}", f.display(), stderr(&o));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_slot_before_postgres_17_is_refused_with_the_reason() {
+    // Given a PostgreSQL older than 17 and failover_slot = true
+    let pg = Postgres::start();
+    let version: i32 = pg
+        .client()
+        .await
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .expect("version")
+        .get(0);
+    if version >= 170_000 {
+        eprintln!("server is {version}: failover slots are supported, nothing to refuse");
+        return;
+    }
+    let cfg = config(&pg, None, &[("postgres", "failover_slot", "true")]);
+    // When setup creates the slot, then it fails naming the requirement
+    let o = outboxd(&["setup", "--apply"], Some(&cfg), &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("needs PostgreSQL 17"), "{}", stderr(&o));
+    assert_eq!(
+        pg.confirmed_lsn("outboxd").await,
+        None,
+        "no slot was created"
+    );
+}

@@ -121,10 +121,27 @@ async fn run_sessions(
         }
         let result = session(&ctx, shutdown).await;
         t.health.set_ready();
-        t.health.set_role(Role::Connecting);
         t.metrics.set_streaming(false);
+        if !matches!(result, Err(RelayError::Source(SourceError::SlotBusy(_)))) {
+            t.health.set_role(Role::Connecting);
+        }
         match result {
             Ok(()) => return Ok(()),
+            Err(RelayError::Source(SourceError::SlotBusy(msg))) => {
+                // Another replica streams: stay a healthy, ready standby and try to
+                // take over soon after it is gone. A steady, jittered poll (not an
+                // exponential backoff) bounds takeover time; one connection attempt per
+                // standby per interval is all it costs the server.
+                if t.health.role() != Role::Standby {
+                    tracing::info!(slot = %cfg.postgres.slot, detail = %msg, "slot is streamed by another instance; standing by");
+                }
+                t.health.set_role(Role::Standby);
+                attempt = 0;
+                let wait = backoff::jittered(Duration::from_millis(cfg.postgres.standby_poll_ms));
+                if pause(wait, t, shutdown).await {
+                    return Ok(());
+                }
+            }
             Err(RelayError::Source(e)) if e.is_retryable() => {
                 let wait = backoff::delay(&cfg.retry, attempt);
                 attempt = attempt.saturating_add(1);

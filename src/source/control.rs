@@ -231,14 +231,33 @@ impl Control {
                 p.slot
             )));
         }
-        match self
-            .client
-            .execute(
-                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-                &[&p.slot],
-            )
-            .await
-        {
+        let created = if p.failover_slot {
+            let version: i32 = self
+                .client
+                .query_one("SELECT current_setting('server_version_num')::int", &[])
+                .await
+                .map_err(SourceError::query)?
+                .get(0);
+            if version < 170_000 {
+                return Err(SourceError::Setup(format!(
+                    "postgres.failover_slot = true needs PostgreSQL 17 or later (server is {version})"
+                )));
+            }
+            self.client
+                .execute(
+                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)",
+                    &[&p.slot],
+                )
+                .await
+        } else {
+            self.client
+                .execute(
+                    "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&p.slot],
+                )
+                .await
+        };
+        match created {
             Ok(_) => tracing::info!(slot = %p.slot, "created replication slot"),
             Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
             Err(e) => {

@@ -46,6 +46,9 @@ pub enum SourceError {
     /// Cannot reach or talk to Postgres right now: reconnect with backoff.
     #[error("postgres connection: {0}")]
     Connection(String),
+    /// Another process streams from the slot (SQLSTATE 55006): be a standby.
+    #[error("slot in use by another process: {0}")]
+    SlotBusy(String),
     /// The server or the configuration is not set up for outboxd: stop and tell.
     #[error("{0}")]
     Setup(String),
@@ -60,7 +63,7 @@ pub enum SourceError {
 impl SourceError {
     /// True when a reconnect may cure it.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, SourceError::Connection(_))
+        matches!(self, SourceError::Connection(_) | SourceError::SlotBusy(_))
     }
 
     fn connect(e: tokio_postgres::Error) -> Self {
@@ -87,6 +90,10 @@ impl SourceError {
         }
         if e.is_server() {
             let msg = e.to_string();
+            // The slot is the lock: only one connection streams from it at a time.
+            if msg.contains("SQLSTATE 55006") || msg.contains("is active for PID") {
+                return SourceError::SlotBusy(msg);
+            }
             // Errors the server will repeat on every attempt until an operator acts.
             for (needle, fix) in [
                 (

@@ -40,7 +40,9 @@ pub async fn run(cfg: Arc<Config>, telemetry: Arc<Telemetry>, shutdown: Cancella
                 control = None;
             }
         }
-        if let (Some(c), false) = (&control, heartbeat.is_zero()) {
+        // Only the streaming instance writes heartbeats; standbys would only add WAL.
+        let streaming = telemetry.health.role() == crate::health::Role::Streaming;
+        if let (Some(c), false, true) = (&control, heartbeat.is_zero(), streaming) {
             if last_heartbeat.elapsed() >= heartbeat {
                 last_heartbeat = tokio::time::Instant::now();
                 match c.emit_heartbeat(HEARTBEAT_PREFIX).await {

@@ -1,0 +1,194 @@
+//! Black-box: three outboxd replicas on one slot. Exactly one streams, the others
+//! are ready standbys; SIGKILL and SIGTERM hand the slot over while rows are written,
+//! and every row still arrives in per-aggregate order.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use support::{
+    config, free_port, http_get, metric, read_stream, stream_len, wait_for, Nats, Postgres, Relay,
+};
+
+/// How often standbys try to take over (the default is 1000).
+const STANDBY_POLL_MS: &str = "200";
+
+struct Replica {
+    relay: Relay,
+    port: u16,
+}
+
+impl Replica {
+    fn streaming(&self) -> Option<bool> {
+        let (_, body) = http_get(self.port, "/metrics")?;
+        metric(&body, "outboxd_streaming").map(|v| v == 1.0)
+    }
+    fn role(&self) -> Option<String> {
+        let (_, body) = http_get(self.port, "/status")?;
+        let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        v["role"].as_str().map(str::to_string)
+    }
+}
+
+/// Index of the single streaming replica once exactly one streams and the live
+/// others report `standby`.
+async fn single_leader(replicas: &[Option<Replica>], timeout: Duration) -> Option<usize> {
+    let mut found = None;
+    let ok = wait_for(timeout, || {
+        let states: Vec<Option<(bool, String)>> = replicas
+            .iter()
+            .map(|r| r.as_ref().and_then(|r| Some((r.streaming()?, r.role()?))))
+            .collect();
+        let leaders: Vec<usize> = states
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s, Some((true, _))))
+            .map(|(i, _)| i)
+            .collect();
+        let standbys_ok = states
+            .iter()
+            .enumerate()
+            .filter(|(i, s)| s.is_some() && !leaders.contains(i))
+            .all(|(_, s)| matches!(s, Some((false, role)) if role == "standby"));
+        found = (leaders.len() == 1 && standbys_ok).then(|| leaders[0]);
+        async move { found.is_some() }
+    })
+    .await;
+    ok.then_some(found).flatten()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_streams_standbys_take_over_on_sigkill_and_sigterm() {
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let nats = Nats::start();
+    let spawn = || {
+        let port = free_port();
+        let listen = format!("\"127.0.0.1:{port}\"");
+        let cfg = config(
+            &pg,
+            Some(&nats),
+            &[
+                ("http", "listen", &listen),
+                ("postgres", "standby_poll_ms", STANDBY_POLL_MS),
+            ],
+        );
+        Replica {
+            relay: Relay::spawn(&cfg),
+            port,
+        }
+    };
+    let mut replicas: Vec<Option<Replica>> = vec![Some(spawn()), Some(spawn()), Some(spawn())];
+
+    // Given three replicas: exactly one streams, two are ready standbys
+    let leader = single_leader(&replicas, Duration::from_secs(30))
+        .await
+        .expect("one leader");
+    pg.wait_streaming("outboxd").await;
+    for r in replicas.iter().flatten() {
+        assert_eq!(
+            http_get(r.port, "/readyz").map(|x| x.0),
+            Some(200),
+            "standbys are ready"
+        );
+        assert_eq!(http_get(r.port, "/healthz").map(|x| x.0), Some(200));
+    }
+
+    // and a writer committing rows over 40 aggregates the whole time
+    let writer_db = pg.client().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_w = stop.clone();
+    let writer = tokio::spawn(async move {
+        let mut ids = Vec::new();
+        let mut n = 0i64;
+        while !stop_w.load(std::sync::atomic::Ordering::Relaxed) {
+            n += 1;
+            let id: String = writer_db
+                .query_one(
+                    "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+                     VALUES ('Order', $1, 'Updated', jsonb_build_object('n', $2::bigint)) RETURNING id::text",
+                    &[&format!("agg-{}", n % 40), &n],
+                )
+                .await
+                .expect("insert")
+                .get(0);
+            ids.push(id);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        ids
+    });
+
+    // When the leader is killed (SIGKILL), then the next one is stopped (SIGTERM), twice
+    let mut leader = leader;
+    let mut takeovers = Vec::new();
+    for round in 0..4 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let sigterm = round % 2 == 1;
+        let mut old = replicas[leader].take().expect("leader");
+        let t0 = Instant::now();
+        if sigterm {
+            let status = old.relay.terminate(Duration::from_secs(20)).expect("exits");
+            assert!(status.success(), "SIGTERM exit {status:?}");
+        } else {
+            old.relay.kill();
+        }
+        // Then a standby takes over
+        let next = single_leader(&replicas, Duration::from_secs(30))
+            .await
+            .expect("takeover");
+        takeovers.push((if sigterm { "SIGTERM" } else { "SIGKILL" }, t0.elapsed()));
+        assert_ne!(next, leader);
+        // and the stopped replica comes back as a standby
+        old.relay.start();
+        replicas[leader] = Some(old);
+        leader = single_leader(&replicas, Duration::from_secs(30))
+            .await
+            .expect("stable");
+        assert_eq!(
+            leader, next,
+            "the new leader keeps the slot when the old one returns"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let ids: HashSet<String> = writer.await.expect("writer").into_iter().collect();
+
+    // Then every row arrives, in per-aggregate order
+    let js = nats.jetstream().await;
+    assert!(
+        wait_for(Duration::from_secs(60), || async {
+            stream_len(&js, "OUTBOX").await >= ids.len() as u64
+        })
+        .await,
+        "only {} of {} arrived",
+        stream_len(&js, "OUTBOX").await,
+        ids.len()
+    );
+    let msgs = read_stream(&js, "OUTBOX").await;
+    let got: HashSet<String> = msgs
+        .iter()
+        .map(|m| m.header("ce-id").expect("id").to_string())
+        .collect();
+    assert_eq!(got, ids);
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for m in &msgs {
+        let n = serde_json::from_slice::<serde_json::Value>(&m.payload).expect("json")["n"]
+            .as_i64()
+            .expect("n");
+        let agg = m.header("ce-subject").expect("subject").to_string();
+        if let Some(prev) = last.insert(agg.clone(), n) {
+            assert!(n > prev, "{agg}: {n} after {prev}");
+        }
+    }
+    // and leadership changes were counted on the current leader
+    let leader_metrics = http_get(replicas[leader].as_ref().expect("leader").port, "/metrics")
+        .expect("scrape")
+        .1;
+    assert!(metric(&leader_metrics, "outboxd_leadership_changes_total").unwrap_or(0.0) >= 1.0);
+    for (how, took) in &takeovers {
+        println!(
+            "takeover after {how}: {} ms (standby_poll_ms = {STANDBY_POLL_MS})",
+            took.as_millis()
+        );
+    }
+}
