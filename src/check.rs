@@ -128,6 +128,16 @@ pub async fn run(cfg: &Config) -> Vec<Check> {
         Err(e) => out.push(check("publication", false, e.to_string())),
     }
     match control.slot(&p.slot).await {
+        Ok(Some(s)) if s.wal_status.as_deref() == Some("lost") => out.push(check(
+            "replication slot",
+            false,
+            format!(
+                "{} was invalidated (wal_status = lost): events after {} may be missing; replay \
+                 them from the outbox table, then `outboxd run --allow-new-slot`",
+                p.slot,
+                crate::relay::lsn_text(s.confirmed_flush_lsn)
+            ),
+        )),
         Ok(Some(s)) if s.plugin == "pgoutput" => out.push(check(
             "replication slot",
             true,

@@ -145,6 +145,10 @@ pub struct PostgresConfig {
     pub heartbeat_interval_secs: u64,
     /// Seconds between reads of the slot's lag and WAL retention. Default 10.
     pub monitor_interval_secs: u64,
+    /// Accept a new slot where the old one was invalidated (`wal_status = lost`) or
+    /// vanished while in use, i.e. accept a possible gap. Also set by
+    /// `outboxd run --allow-new-slot`. Default false.
+    pub allow_new_slot: bool,
     /// Create the slot as a PostgreSQL 17 failover slot (`failover = true`), so it is
     /// synchronized to physical standbys and survives a primary failover. Needs
     /// PostgreSQL 17+ and `sync_replication_slots` on the standby. Default false.
@@ -170,6 +174,7 @@ impl Default for PostgresConfig {
             status_interval_ms: 1000,
             heartbeat_interval_secs: 10,
             monitor_interval_secs: 10,
+            allow_new_slot: false,
             failover_slot: false,
             standby_poll_ms: 1000,
             columns: ColumnMapping::default(),
@@ -269,6 +274,9 @@ pub enum ContentMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PoisonPolicy {
+    /// Publish a dead letter (the original row or event plus the reason) to the
+    /// dead-letter destination, then continue.
+    DeadLetter,
     /// Stop with an error naming the row id; the LSN does not move past it.
     Halt,
 }
@@ -281,9 +289,9 @@ pub struct SinkConfig {
     pub kind: SinkKind,
     /// Events held in memory at most (in flight plus waiting); reading pauses above. Default 8192.
     pub max_in_flight: usize,
-    /// Rows that are not valid outbox rows. Default `halt`.
+    /// Rows that are not valid outbox rows: `dead_letter` (default) or `halt`.
     pub on_invalid: PoisonPolicy,
-    /// Events the broker rejects permanently. Default `halt`.
+    /// Events the broker rejects permanently: `dead_letter` (default) or `halt`.
     pub on_rejected: PoisonPolicy,
     /// Seconds to wait for in-flight acks on SIGTERM. Default 20.
     pub shutdown_timeout_secs: u64,
@@ -294,8 +302,8 @@ impl Default for SinkConfig {
         Self {
             kind: SinkKind::Stdout,
             max_in_flight: 8192,
-            on_invalid: PoisonPolicy::Halt,
-            on_rejected: PoisonPolicy::Halt,
+            on_invalid: PoisonPolicy::DeadLetter,
+            on_rejected: PoisonPolicy::DeadLetter,
             shutdown_timeout_secs: 20,
         }
     }
@@ -521,6 +529,17 @@ impl Config {
                 "must not be empty (a URI-reference)",
             ));
         }
+        if self
+            .cloudevents
+            .source
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                "cloudevents.source",
+                "not a URI-reference: it contains whitespace (e.g. use /services/orders)",
+            ));
+        }
         if self.cloudevents.default_content_type.is_empty() {
             return Err(invalid(
                 "cloudevents.default_content_type",
@@ -731,6 +750,19 @@ mod tests {
             let cfg = load_in(jail, "[postgres]\nurl_file = \"url\"\n").expect("ok");
             assert_eq!(cfg.postgres.url.expose(), "postgres://u:hunter2@h/db");
             assert!(!format!("{cfg:?}").contains("hunter2"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn source_must_be_a_uri_reference() {
+        Jail::expect_with(|jail| {
+            let err = load_in(
+                jail,
+                "[postgres]\nurl = \"postgres://h/db\"\n[cloudevents]\nsource = \"not a uri ::\"\n",
+            )
+            .expect_err("bad source");
+            assert!(err.to_string().starts_with("cloudevents.source:"), "{err}");
             Ok(())
         });
     }

@@ -21,6 +21,7 @@
 pub mod backoff;
 pub mod check;
 pub mod config;
+pub mod deadletter;
 pub mod event;
 pub mod health;
 pub mod http;

@@ -45,7 +45,15 @@ struct ConfigArg {
 #[derive(Subcommand)]
 enum Command {
     /// Run the relay until SIGTERM/SIGINT (then drain in-flight acks and exit 0).
-    Run(ConfigArg),
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Accept a new replication slot where the old one was invalidated or vanished
+        /// while in use. Rows committed in the gap may never be relayed: replay them
+        /// from the outbox table first. Same as postgres.allow_new_slot = true.
+        #[arg(long)]
+        allow_new_slot: bool,
+    },
     /// Validate the config and check Postgres (wal_level, REPLICATION, table, publication,
     /// slot) and the broker; print ok/FAIL with the fix for each; exit 1 on any FAIL.
     Check(ConfigArg),
@@ -62,9 +70,19 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (Command::Run(c) | Command::Check(c) | Command::Setup { config: c, .. }) = &cli.command;
+    let (Command::Run { config: c, .. } | Command::Check(c) | Command::Setup { config: c, .. }) =
+        &cli.command;
     let cfg = match Config::load(c.config.as_deref()) {
-        Ok(cfg) => cfg,
+        Ok(mut cfg) => {
+            if let Command::Run {
+                allow_new_slot: true,
+                ..
+            } = cli.command
+            {
+                cfg.postgres.allow_new_slot = true;
+            }
+            cfg
+        }
         Err(e) => {
             eprintln!("outboxd: configuration error: {e}");
             return ExitCode::from(EXIT_CONFIG);
@@ -83,7 +101,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run(_) => run(cfg).await,
+            Command::Run { .. } => run(cfg).await,
             Command::Check(_) => check(&cfg).await,
             Command::Setup { apply, .. } => setup(&cfg, apply).await,
         }
@@ -193,7 +211,7 @@ async fn setup(cfg: &Config, apply: bool) -> anyhow::Result<ExitCode> {
         .await
         .context("creating the publication")?;
     let slot = control
-        .ensure_slot(&forced)
+        .ensure_slot(&forced, false)
         .await
         .context("creating the slot")?;
     println!(

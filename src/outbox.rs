@@ -94,6 +94,8 @@ pub enum PayloadKind {
 pub struct Layout {
     /// Relation OID this layout belongs to.
     pub relation: u32,
+    /// All column names of the relation, in tuple order (for dead letters).
+    names: Vec<String>,
     id: usize,
     aggregate_type: usize,
     aggregate_id: usize,
@@ -170,6 +172,7 @@ impl Layout {
         };
         Ok(Self {
             relation: rel.id,
+            names: rel.columns.iter().map(|c| c.name.clone()).collect(),
             id: req("id", &map.id, ID_TYPES)?,
             aggregate_type: req("aggregate_type", &map.aggregate_type, TEXTUAL)?,
             aggregate_id: req("aggregate_id", &map.aggregate_id, ID_TYPES)?,
@@ -228,6 +231,61 @@ impl Layout {
             created_at,
             content_type: optional(self.content_type),
             id,
+        })
+    }
+}
+
+/// Largest column value copied into a dead letter; longer ones are cut (the row stays
+/// in the table, found by its id).
+const RAW_VALUE_LIMIT: usize = 64 * 1024;
+
+impl Layout {
+    /// The row as `{column: text or null}`, for a dead letter; `aggregate_id` if set.
+    pub fn raw(&self, values: &[Value]) -> (serde_json::Value, Option<String>) {
+        let mut map = serde_json::Map::new();
+        for (name, v) in self.names.iter().zip(values) {
+            let json = match v {
+                Value::Text(b) | Value::Binary(b) => {
+                    let cut = &b[..b.len().min(RAW_VALUE_LIMIT)];
+                    let mut s = String::from_utf8_lossy(cut).into_owned();
+                    if b.len() > RAW_VALUE_LIMIT {
+                        s.push_str(&format!("…[{} bytes in all]", b.len()));
+                    }
+                    serde_json::Value::String(s)
+                }
+                Value::Null | Value::Unchanged => serde_json::Value::Null,
+            };
+            map.insert(name.clone(), json);
+        }
+        let agg = match text(values, self.aggregate_id) {
+            Some(Ok(s)) if !s.is_empty() => Some(s),
+            _ => None,
+        };
+        (serde_json::Value::Object(map), agg)
+    }
+}
+
+impl OutboxRow {
+    /// The mapped fields as JSON, for a dead letter of a row that is not a valid event.
+    pub fn raw(&self) -> serde_json::Value {
+        let cut = |b: &Bytes| {
+            let mut s = String::from_utf8_lossy(&b[..b.len().min(RAW_VALUE_LIMIT)]).into_owned();
+            if b.len() > RAW_VALUE_LIMIT {
+                s.push_str(&format!("…[{} bytes in all]", b.len()));
+            }
+            s
+        };
+        serde_json::json!({
+            "id": self.id,
+            "aggregate_type": self.aggregate_type,
+            "aggregate_id": self.aggregate_id,
+            "event_type": self.event_type,
+            "payload": cut(&self.payload),
+            "correlation_id": self.correlation_id,
+            "causation_id": self.causation_id,
+            "headers": self.headers.as_ref().map(cut),
+            "created_at": self.created_at.map(|t| t.to_rfc3339()),
+            "content_type": self.content_type,
         })
     }
 }

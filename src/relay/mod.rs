@@ -28,7 +28,8 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff;
-use crate::config::Config;
+use crate::config::{Config, PoisonPolicy};
+use crate::deadletter::{self, PoisonRow};
 use crate::event::{to_cloudevent, Position};
 use crate::health::{Role, Telemetry};
 use crate::outbox::OutboxRow;
@@ -75,6 +76,8 @@ struct Ctx<'a> {
     t: &'a Telemetry,
     /// `outboxd_publish_duration_seconds{sink}`, resolved once.
     publish_duration: prometheus::Histogram,
+    /// This process streamed from the slot before: a missing slot now is a lost one.
+    streamed_before: std::cell::Cell<bool>,
 }
 
 type InFlight = FuturesUnordered<BoxFuture<'static, (Item, Result<Delivered, SinkError>)>>;
@@ -113,6 +116,7 @@ async fn run_sessions(
         sink: &sink,
         t,
         publish_duration,
+        streamed_before: std::cell::Cell::new(false),
     };
     let mut attempt = 0u32;
     loop {
@@ -227,13 +231,14 @@ async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), Rela
     let setup = async {
         let control = Control::connect(cfg).await?;
         control.ensure_publication(cfg).await?;
-        let slot = control.ensure_slot(cfg).await?;
+        let slot = control.ensure_slot(cfg, ctx.streamed_before.get()).await?;
         let stream = Stream::start(cfg, slot.confirmed_flush_lsn).await?;
         Ok::<_, SourceError>((slot, stream))
     };
     let (slot, mut stream) = tokio::time::timeout(Duration::from_secs(60), setup)
         .await
         .map_err(|_| SourceError::Connection("set-up took longer than 60 s".into()))??;
+    ctx.streamed_before.set(true);
     t.health.set_ready();
     t.health.set_role(Role::Streaming);
     t.health.set_confirmed(slot.confirmed_flush_lsn);
@@ -281,24 +286,27 @@ async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), Rela
                     Change::Row(row) => {
                         t.metrics.events_received.inc();
                         let Some((id, pos)) = txn.as_mut() else { continue };
-                        match envelope(cfg, *row, pos) {
-                            Ok(env) => {
-                                progress.add(*id);
-                                let key = env.aggregate_id.clone();
-                                let commit_micros = pos.commit_time.timestamp_micros();
-                                let item = Item { txn: *id, env, attempt: 0, commit_micros };
-                                if let Some(item) = gate.admit(&key, item) {
-                                    in_flight.push(deliver(ctx, item, Duration::ZERO));
+                        let env = match envelope(cfg, *row, pos) {
+                            Ok(env) => env,
+                            Err(poison) => {
+                                let code = poison.code;
+                                if cfg.sink.on_invalid == PoisonPolicy::Halt {
+                                    // Stop before the LSN can move past the row.
+                                    t.metrics.poison_events.with_label_values(&[code, "halt"]).inc();
+                                    tracing::error!(event_id = %poison.id, reason = %poison.reason, "invalid outbox row; halting (sink.on_invalid = halt)");
+                                    break Err(RelayError::Halted { id: poison.id, reason: poison.reason, policy_key: "on_invalid" });
                                 }
+                                t.metrics.poison_events.with_label_values(&[code, "dead_letter"]).inc();
+                                tracing::warn!(event_id = %poison.id, reason = %poison.reason, "invalid outbox row; sending it to the dead-letter destination");
+                                deadletter::for_row(&poison, pos, &cfg.cloudevents)
                             }
-                            Err((row_id, reason, code)) => {
-                                // Poison row. `dead_letter` arrives with the failure-handling
-                                // work; until then every policy halts here, before the LSN
-                                // can move past the row.
-                                t.metrics.poison_events.with_label_values(&[code, "halt"]).inc();
-                                tracing::error!(event_id = %row_id, %reason, "invalid outbox row");
-                                break Err(RelayError::Halted { id: row_id, reason, policy_key: "on_invalid" });
-                            }
+                        };
+                        progress.add(*id);
+                        let key = env.aggregate_id.clone();
+                        let commit_micros = pos.commit_time.timestamp_micros();
+                        let item = Item { txn: *id, env, attempt: 0, commit_micros };
+                        if let Some(item) = gate.admit(&key, item) {
+                            in_flight.push(deliver(ctx, item, Duration::ZERO));
                         }
                         pos.index += 1;
                     }
@@ -335,26 +343,26 @@ fn confirm(stream: &Stream, t: &Telemetry, lsn: u64) {
     t.health.set_confirmed(lsn);
 }
 
-/// Builds the envelope, or names the poison row, why, and a reason code.
+/// Builds the envelope of a row, or the poison row it is.
 fn envelope(
     cfg: &Config,
-    row: Result<OutboxRow, crate::outbox::OutboxError>,
+    row: Result<OutboxRow, PoisonRow>,
     pos: &Position,
-) -> Result<Envelope, (String, String, &'static str)> {
-    let row = row.map_err(|e| {
-        let code = e.reason_code();
-        match e {
-            crate::outbox::OutboxError::Invalid { id, reason } => (id, reason, code),
-            other => ("<unknown>".to_string(), other.to_string(), code),
-        }
+) -> Result<Envelope, PoisonRow> {
+    let row = row?;
+    let event = to_cloudevent(&row, pos, &cfg.cloudevents).map_err(|e| PoisonRow {
+        id: row.id.clone(),
+        aggregate_id: Some(row.aggregate_id.clone()),
+        code: e.reason_code(),
+        reason: e.to_string(),
+        row: row.raw(),
     })?;
-    let event = to_cloudevent(&row, pos, &cfg.cloudevents)
-        .map_err(|e| (row.id.clone(), e.to_string(), e.reason_code()))?;
     Ok(Envelope {
         event,
         aggregate_type: row.aggregate_type,
         aggregate_id: row.aggregate_id,
         event_type: row.event_type,
+        dead_letter: false,
     })
 }
 
@@ -397,16 +405,40 @@ fn on_result(
             m.publish_errors
                 .with_label_values(&[sink, e.reason()])
                 .inc();
-            m.poison_events
-                .with_label_values(&[e.reason(), "halt"])
-                .inc();
             let id = item.env.event.id().to_string();
-            tracing::error!(event_id = %id, reason = e.reason(), error = %e, "broker rejected event");
-            Err(RelayError::Halted {
-                id,
-                reason: e.to_string(),
-                policy_key: "on_rejected",
-            })
+            // A dead letter that is itself refused cannot go anywhere: halt, keep it.
+            if ctx.cfg.sink.on_rejected == PoisonPolicy::Halt || item.env.dead_letter {
+                m.poison_events
+                    .with_label_values(&[e.reason(), "halt"])
+                    .inc();
+                tracing::error!(event_id = %id, reason = e.reason(), error = %e, dead_letter = item.env.dead_letter, "broker rejected event; halting");
+                return Err(RelayError::Halted {
+                    id,
+                    reason: e.to_string(),
+                    policy_key: "on_rejected",
+                });
+            }
+            m.poison_events
+                .with_label_values(&[e.reason(), "dead_letter"])
+                .inc();
+            tracing::warn!(event_id = %id, reason = e.reason(), error = %e, "broker rejected event; sending it to the dead-letter destination");
+            let env = deadletter::for_rejected(
+                &item.env,
+                e.reason(),
+                &e.to_string(),
+                &ctx.cfg.cloudevents,
+            );
+            // Same transaction, same aggregate key (still held): order is kept.
+            in_flight.push(deliver(
+                ctx,
+                Item {
+                    env,
+                    attempt: 0,
+                    ..item
+                },
+                Duration::ZERO,
+            ));
+            Ok(())
         }
         Err(e) => {
             m.publish_errors
@@ -421,6 +453,16 @@ fn on_result(
 fn acknowledged(t: &Telemetry, sink: &str, item: &Item, d: &Delivered) {
     let m = &t.metrics;
     m.published(sink, &d.destination);
+    if item.env.dead_letter {
+        let reason = item
+            .env
+            .event
+            .extension("deadletterreason")
+            .map(|v| v.to_string());
+        m.dead_letters
+            .with_label_values(&[reason.as_deref().unwrap_or("unknown")])
+            .inc();
+    }
     if d.duplicate {
         m.duplicates.with_label_values(&[sink]).inc();
     }

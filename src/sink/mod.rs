@@ -76,6 +76,8 @@ pub struct Envelope {
     pub aggregate_id: String,
     /// Event type without prefix (routing).
     pub event_type: String,
+    /// Goes to the dead-letter destination instead of the templated one.
+    pub dead_letter: bool,
 }
 
 impl Envelope {

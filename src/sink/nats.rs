@@ -29,6 +29,7 @@ const SINK: &str = "nats";
 pub struct NatsSink {
     js: jetstream::Context,
     subject: Template,
+    dead_letter_subject: String,
     mode: ContentMode,
 }
 
@@ -56,13 +57,18 @@ impl NatsSink {
         Ok(Self {
             js,
             subject,
+            dead_letter_subject: cfg.dead_letter_subject.clone(),
             mode: cfg.content_mode,
         })
     }
 
     /// Publishes and awaits the PubAck.
     pub async fn publish(&self, env: &Envelope) -> Result<Delivered, SinkError> {
-        let subject = self.subject.render(&env.fields(), Sanitize::NatsToken);
+        let subject = if env.dead_letter {
+            self.dead_letter_subject.clone()
+        } else {
+            self.subject.render(&env.fields(), Sanitize::NatsToken)
+        };
         let (headers, body) = encode(&env.event, self.mode)?;
         let ack_future = self
             .js

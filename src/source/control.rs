@@ -18,6 +18,8 @@ pub struct SlotInfo {
     pub confirmed_flush_lsn: u64,
     /// Server-side PID streaming from the slot, if any.
     pub active_pid: Option<i32>,
+    /// `reserved`, `extended`, `unreserved` or `lost` (invalidated).
+    pub wal_status: Option<String>,
 }
 
 /// Position and WAL retention of the slot, as the server sees them.
@@ -197,7 +199,7 @@ impl Control {
         let row = self
             .client
             .query_opt(
-                "SELECT plugin::text, confirmed_flush_lsn::text, active_pid \
+                "SELECT plugin::text, confirmed_flush_lsn::text, active_pid, wal_status \
                  FROM pg_replication_slots WHERE slot_name = $1 AND slot_type = 'logical'",
                 &[&slot],
             )
@@ -209,12 +211,18 @@ impl Control {
             plugin: row.get(0),
             confirmed_flush_lsn: lsn.as_deref().map(parse_lsn).transpose()?.unwrap_or(0),
             active_pid: row.get(2),
+            wal_status: row.get(3),
         }))
     }
 
     /// Returns the slot, creating it when missing (and allowed). Creation is idempotent:
     /// a concurrent creator winning the race is success.
-    pub async fn ensure_slot(&self, cfg: &Config) -> Result<SlotInfo, SourceError> {
+    ///
+    /// A slot that was invalidated (`wal_status = lost`), or that is gone although
+    /// `known` says this process streamed from it, means events may be missing between
+    /// the old slot's position and now. That is never papered over by a new slot:
+    /// unless `postgres.allow_new_slot` accepts the gap, it is an error that says so.
+    pub async fn ensure_slot(&self, cfg: &Config, known: bool) -> Result<SlotInfo, SourceError> {
         let p = &cfg.postgres;
         if let Some(s) = self.slot(&p.slot).await? {
             if s.plugin != "pgoutput" {
@@ -223,11 +231,36 @@ impl Control {
                     p.slot, s.plugin
                 )));
             }
-            return Ok(s);
-        }
-        if !p.create_slot {
+            if s.wal_status.as_deref() != Some("lost") {
+                return Ok(s);
+            }
+            if !p.allow_new_slot {
+                return Err(SourceError::SlotLost(format!(
+                    "replication slot {} was invalidated (wal_status = lost; max_slot_wal_keep_size \
+                     exceeded): the WAL after {} is gone, and outbox rows committed since may never \
+                     reach the broker. Recover them with a replay from the outbox table, then accept \
+                     the gap with `outboxd run --allow-new-slot` (drops and recreates the slot)",
+                    p.slot,
+                    crate::relay::lsn_text(s.confirmed_flush_lsn)
+                )));
+            }
+            tracing::warn!(slot = %p.slot, "dropping the invalidated slot and creating a new one (allow_new_slot)");
+            self.client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&p.slot])
+                .await
+                .map_err(SourceError::query)?;
+        } else if known && !p.allow_new_slot {
+            return Err(SourceError::SlotLost(format!(
+                "replication slot {} disappeared while outboxd was streaming from it (dropped, or \
+                 the primary failed over): rows committed in between may never reach the broker. \
+                 Recover them with a replay from the outbox table, then accept the gap with \
+                 `outboxd run --allow-new-slot`",
+                p.slot
+            )));
+        } else if !p.create_slot && !p.allow_new_slot {
             return Err(SourceError::Setup(format!(
-                "replication slot {} does not exist and postgres.create_slot = false",
+                "replication slot {} does not exist and postgres.create_slot = false: create it \
+                 with `outboxd setup --apply`, or start once with --allow-new-slot",
                 p.slot
             )));
         }

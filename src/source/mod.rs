@@ -34,6 +34,7 @@ use pgwire_replication::{
 };
 
 use crate::config::{split_table, ColumnMapping, Config};
+use crate::deadletter::PoisonRow;
 use crate::outbox::{Layout, OutboxError, OutboxRow};
 use pgoutput::Message;
 
@@ -52,6 +53,9 @@ pub enum SourceError {
     /// The server or the configuration is not set up for outboxd: stop and tell.
     #[error("{0}")]
     Setup(String),
+    /// The slot was invalidated or vanished: a gap is possible. Stop and tell.
+    #[error("{0}")]
+    SlotLost(String),
     /// The outbox table changed shape: stop and tell.
     #[error(transparent)]
     Schema(#[from] OutboxError),
@@ -139,7 +143,7 @@ pub enum Change {
         commit_lsn: u64,
     },
     /// An outbox row (or why it is not a valid one: a poison row).
-    Row(Box<Result<OutboxRow, OutboxError>>),
+    Row(Box<Result<OutboxRow, PoisonRow>>),
     /// The transaction ends; confirm `end_lsn` once all its events are acknowledged.
     Commit {
         /// End of the commit record.
@@ -267,7 +271,21 @@ impl Stream {
                         let Some(layout) = self.layouts.get(&relation) else {
                             continue;
                         };
-                        return Ok(Some(Change::Row(Box::new(layout.row(&values)))));
+                        let row = layout.row(&values).map_err(|e| {
+                            let (row, aggregate_id) = layout.raw(&values);
+                            let (id, reason) = match e {
+                                OutboxError::Invalid { id, reason } => (id, reason),
+                                other => ("<unknown>".to_string(), other.to_string()),
+                            };
+                            PoisonRow {
+                                id,
+                                aggregate_id,
+                                code: "invalid_row",
+                                reason,
+                                row,
+                            }
+                        });
+                        return Ok(Some(Change::Row(Box::new(row))));
                     }
                     Message::Ignored(tag) => {
                         tracing::debug!(tag = %tag, "pgoutput message not used by an insert-only outbox");

@@ -427,13 +427,18 @@ pub struct Relay {
 impl Relay {
     /// Writes `config` to a file and runs `outboxd run --config <file>`.
     pub fn spawn(config: &str) -> Self {
+        Self::spawn_with_args(config, &[])
+    }
+
+    /// Like [`Relay::spawn`], with extra `run` arguments.
+    pub fn spawn_with_args(config: &str, extra: &[&str]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("outboxd-relay-")
             .tempdir()
             .expect("tempdir");
         let mut r = Self { child: None, dir };
         std::fs::write(r.config_path(), config).expect("write config");
-        r.start();
+        r.start_with_args(extra);
         r
     }
 
@@ -443,6 +448,11 @@ impl Relay {
 
     /// (Re)starts the process with the same config; output is appended to files.
     pub fn start(&mut self) {
+        self.start_with_args(&[]);
+    }
+
+    /// (Re)starts the process with extra `run` arguments.
+    pub fn start_with_args(&mut self, extra: &[&str]) {
         assert!(self.child.is_none(), "already running");
         let append = |name: &str| {
             std::fs::OpenOptions::new()
@@ -454,6 +464,7 @@ impl Relay {
         let child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
             .args(["run", "--config"])
             .arg(self.config_path())
+            .args(extra)
             .env("RUST_LOG", "outboxd=debug,info")
             .stdout(append("stdout"))
             .stderr(append("stderr"))
@@ -604,4 +615,187 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+// ---------------------------------------------------------------------------------
+// Fault-injection helpers (tests/failures.rs). Appended: nothing above changes.
+// ---------------------------------------------------------------------------------
+
+impl Postgres {
+    /// A `wal_level=logical` cluster whose server also gets `-c name=value` for each
+    /// of `settings` (they come after, so they win over, the defaults of
+    /// `pg_ctl_start`, e.g. `("wal_sender_timeout", "3s")`). Note: [`Postgres::restart`]
+    /// starts the server with the defaults again.
+    pub fn start_with_settings(settings: &[(&str, &str)]) -> Self {
+        // initdb and the default start live in `start`; restarting with the extra
+        // options keeps this an addition rather than a change to the constructors.
+        let pg = Self::start();
+        pg.stop();
+        let mut opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_wal_senders=20 \
+             -c max_replication_slots=20 -c fsync=off -c synchronous_commit=off \
+             -c wal_sender_timeout=30s",
+            pg.port,
+            pg.dir.path().display(),
+        );
+        for (name, value) in settings {
+            opts.push_str(&format!(" -c {name}={value}"));
+        }
+        let status = as_pg_user(&pg.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(pg.dir.path().join("data"))
+            .arg("-l")
+            .arg(pg.dir.path().join("log"))
+            .args(["-o", &opts, "-w", "-t", "60", "start"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run pg_ctl start");
+        assert!(status.success(), "pg_ctl start failed; log: {}", pg.log());
+        pg
+    }
+
+    /// `SHOW <setting>` as the server reports it.
+    pub async fn show(&self, setting: &str) -> String {
+        self.client()
+            .await
+            .query_one(&format!("SHOW {setting}"), &[])
+            .await
+            .expect("show")
+            .get(0)
+    }
+
+    /// Every id in the outbox table: the committed rows, whatever a writer believes.
+    pub async fn outbox_ids(&self) -> std::collections::HashSet<String> {
+        self.client()
+            .await
+            .query("SELECT id::text FROM outbox", &[])
+            .await
+            .expect("select ids")
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+}
+
+impl Relay {
+    /// Waits up to `timeout` for the process to exit on its own; its status, if it did.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The `/metrics` text of a relay on `port` (empty when it does not answer).
+pub fn scrape(port: u16) -> String {
+    http_get(port, "/metrics")
+        .map(|(_, b)| b)
+        .unwrap_or_default()
+}
+
+/// Inserts one outbox row of `aggregate` whose payload is `{"n": n}`; returns its id.
+/// `n` grows with commit order, so the order of an aggregate's events can be checked.
+pub async fn insert_event(
+    db: &impl tokio_postgres::GenericClient,
+    aggregate: &str,
+    n: i64,
+) -> Result<String, tokio_postgres::Error> {
+    db.query_one(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('Order', $1, 'OrderUpdated', jsonb_build_object('n', $2::bigint)) \
+         RETURNING id::text",
+        &[&aggregate, &n],
+    )
+    .await
+    .map(|r| r.get(0))
+}
+
+/// The `n` of an event's JSON payload (binary content mode).
+pub fn payload_n(m: &Received) -> i64 {
+    let v: serde_json::Value = serde_json::from_slice(&m.payload).expect("json payload");
+    v["n"].as_i64().expect("payload has n")
+}
+
+/// Per aggregate (`ce-subject`), `n` strictly increases in stream order.
+pub fn assert_per_aggregate_order(msgs: &[Received]) {
+    let mut last: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+    for m in msgs {
+        let agg = m.header("ce-subject").expect("ce-subject").to_string();
+        let n = payload_n(m);
+        if let Some(prev) = last.insert(agg.clone(), n) {
+            assert!(
+                n > prev,
+                "aggregate {agg}: event n={n} arrived after n={prev}"
+            );
+        }
+    }
+}
+
+/// Each id of `expected` is in `msgs` exactly once, and nothing else is.
+pub fn assert_delivered_once(msgs: &[Received], expected: &std::collections::HashSet<String>) {
+    let mut seen = std::collections::HashMap::<&str, usize>::new();
+    for m in msgs {
+        *seen.entry(m.header("ce-id").expect("ce-id")).or_default() += 1;
+    }
+    let missing: Vec<&String> = expected
+        .iter()
+        .filter(|id| !seen.contains_key(id.as_str()))
+        .collect();
+    let repeated: Vec<(&&str, &usize)> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    let unknown: Vec<&&str> = seen.keys().filter(|id| !expected.contains(**id)).collect();
+    assert!(
+        missing.is_empty() && repeated.is_empty() && unknown.is_empty(),
+        "{} expected, {} in the stream: {} missing (e.g. {:?}), {} repeated (e.g. {:?}), \
+         {} never committed (e.g. {:?})",
+        expected.len(),
+        msgs.len(),
+        missing.len(),
+        missing.iter().take(3).collect::<Vec<_>>(),
+        repeated.len(),
+        repeated.iter().take(3).collect::<Vec<_>>(),
+        unknown.len(),
+        unknown.iter().take(3).collect::<Vec<_>>(),
+    );
+}
+
+/// SplitMix64: a small seeded PRNG, so a failing random run can be replayed.
+pub struct SplitMix64(u64);
+
+impl SplitMix64 {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform-enough in `lo..=hi` for tests.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next_u64() % (hi - lo + 1)
+    }
+}
+
+/// The test seed: `OUTBOXD_TEST_SEED` when set (to replay a run), else the clock.
+pub fn seed() -> u64 {
+    std::env::var("OUTBOXD_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(42)
+        })
 }
