@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Validates the deployment files offline: Dockerfile, docker-compose.yml,
-# deploy/, helm/outboxd. No cluster, no Docker engine, no helm binary.
+# deploy/ (manifests, Prometheus rules and their tests, the Grafana dashboard),
+# helm/outboxd. No cluster, no Docker engine, no helm binary, no Prometheus server.
 #
 #   bash scripts/lint-deploy.sh
 #
 # Installs what it needs (pinned, from PyPI and npm; Debian packages only if
-# python3-venv or node are missing) under .tmp/tools, and reinstalls when the
+# python3-venv or node are missing, and `prometheus` for promtool, see
+# scripts/check-prometheus.sh) under .tmp/tools, and reinstalls when the
 # pins change. Delete .tmp/tools to rebuild from nothing. Runs every check even
 # after a failure, prints a summary, exits 1 if any check failed.
 #
@@ -68,6 +70,7 @@ mkdir -p "$TOOLS"
 install_system_deps
 install_python_tools
 install_node_tools
+bash scripts/check-prometheus.sh --install # promtool, from the Debian package prometheus
 PATH=$TOOLS/venv/bin:$PATH
 log "tools ready ($((SECONDS - start))s)"
 
@@ -87,7 +90,7 @@ check() { # check NAME COMMAND...: runs it, records ok/FAIL, never stops the scr
   fi
 }
 
-yaml_files=(docker-compose.yml deploy helm/outboxd/Chart.yaml helm/outboxd/values.yaml helm/outboxd/ci
+yaml_files=(docker-compose.yml deploy helm/outboxd/Chart.yaml helm/outboxd/values.yaml helm/outboxd/ci helm/outboxd/files
   "$HERE/yamllint.yaml" "$HERE/parent-chart/Chart.yaml" "$HERE/parent-chart/values.yaml")
 json_files() {
   check-jsonschema --check-metaschema helm/outboxd/values.schema.json
@@ -98,12 +101,16 @@ json_files() {
 kubernetes() {
   python "$HERE/k8s_validate.py" "$TOOLS/node" "$K8S_VERSIONS" deploy/kubernetes/*.yaml "$WORK"/rendered/*.yaml
 }
+dashboard_and_metric_names() {
+  python "$HERE/metrics_check.py" src/metrics.rs deploy/grafana/outboxd.json \
+    deploy/prometheus/alerts.yml deploy/prometheus/alerts_test.yml --promtool promtool
+}
 
 rm -rf "$WORK"
 mkdir -p "$WORK/rendered"
 check "yamllint" yamllint -c "$HERE/yamllint.yaml" "${yaml_files[@]}"
 check "hadolint Dockerfile" hadolint --no-color Dockerfile
-check "shellcheck" shellcheck scripts/lint-deploy.sh deploy/compose/sample-writer.sh
+check "shellcheck" shellcheck scripts/lint-deploy.sh scripts/check-prometheus.sh deploy/compose/sample-writer.sh
 check "compose schema (compose-spec)" check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 check "compose semantics" python "$HERE/compose_check.py" docker-compose.yml
 if docker compose version >/dev/null 2>&1; then
@@ -114,6 +121,8 @@ fi
 check "JSON files" json_files
 check "helm lint + render (ci/*.yaml, parent chart)" python "$HERE/helm_render.py" helm/outboxd "$HERE/parent-chart" "$WORK/rendered"
 check "kubernetes manifests (k8s $K8S_VERSIONS, CRDs, PSS restricted)" kubernetes
+check "prometheus rules (promtool check + test, copies in sync)" bash scripts/check-prometheus.sh
+check "grafana dashboard + metric names (vs src/metrics.rs)" dashboard_and_metric_names
 
 printf '\n== summary (%ss; rendered manifests in %s/rendered)\n' "$((SECONDS - start))" "$WORK"
 printf '  %s\n' "${results[@]}"

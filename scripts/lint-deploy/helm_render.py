@@ -8,7 +8,9 @@ usage: helm_render.py CHART PARENT_FIXTURE OUT_DIR
   cannot pass unnoticed);
 - the parent-chart fixture (an app chart that depends on outboxd and includes
   "outboxd.sidecar" in its own pod spec) lints and renders too, and its
-  sidecar uses the outboxd chart's appVersion, not the parent's.
+  sidecar uses the outboxd chart's appVersion, not the parent's;
+- a rendered PrometheusRule's spec is CHART/files/alerts.yml unchanged (the
+  rules' own {{ $labels }} templates must reach Prometheus untouched).
 Exit status 1 if anything failed.
 """
 
@@ -54,18 +56,32 @@ def render(chart, values, out_file):
     return text
 
 
+def check_rules(chart, rendered):
+    """Every rendered PrometheusRule carries files/alerts.yml as its spec."""
+    want = yaml.safe_load((chart / "files" / "alerts.yml").read_text())
+    rules = [(name, doc) for name, text in rendered for doc in yaml.safe_load_all(text)
+             if doc and doc.get("kind") == "PrometheusRule"]
+    report(bool(rules), "a value set renders the PrometheusRule")
+    for name, doc in rules:
+        report(doc.get("spec") == want, f"PrometheusRule of {name} is files/alerts.yml",
+               f"{len(want['groups'][0]['rules'])} rules")
+
+
 def main(chart, fixture, out):
     out.mkdir(parents=True, exist_ok=True)
     value_sets = sorted((chart / "ci").glob("*.yaml"))
     report(len(value_sets) >= 3, f"{len(value_sets)} value sets in {chart}/ci")
+    rendered = []
     for path in value_sets:
         values = yaml.safe_load(path.read_text()) or {}
         lint(chart, values, path.name)
         try:
             text = render(chart, values, out / path.name)
+            rendered.append((path.name, text))
             report(True, f"helm template {path.name}", f"{text.count('# Source:')} objects -> {out / path.name}")
         except helm.HelmError as e:
             report(False, f"helm template {path.name}", str(e))
+    check_rules(chart, rendered)
 
     with helm.Chart.load(str(chart)) as c:
         for what, values in MUST_REJECT.items():
