@@ -10,6 +10,7 @@
 //! A PubAck with `duplicate: true` counts as delivered: JetStream already stored the
 //! same event id within the stream's duplicate window.
 
+use std::borrow::Cow;
 use std::error::Error as _;
 use std::time::Duration;
 
@@ -180,18 +181,18 @@ pub fn encode(
         ContentMode::Binary => {
             for (name, value) in event.iter_attributes() {
                 if name == "datacontenttype" {
-                    h.insert("content-type", header_value(&value.to_string()).as_str());
+                    h.insert("content-type", header_value(&value.to_string()).as_ref());
                 } else {
                     h.insert(
                         format!("ce-{name}").as_str(),
-                        header_value(&value.to_string()).as_str(),
+                        header_value(&value.to_string()).as_ref(),
                     );
                 }
             }
             for (name, value) in event.iter_extensions() {
                 h.insert(
                     format!("ce-{name}").as_str(),
-                    header_value(&value.to_string()).as_str(),
+                    header_value(&value.to_string()).as_ref(),
                 );
             }
             let body = match event.data() {
@@ -207,12 +208,12 @@ pub fn encode(
 
 /// Percent-encodes what may not stand in a header value (HTTP binding rule: space,
 /// `"`, `%` and everything outside printable ASCII).
-pub fn header_value(v: &str) -> String {
+pub fn header_value(v: &str) -> Cow<'_, str> {
     let clean = v
         .bytes()
         .all(|b| (0x21..=0x7E).contains(&b) && b != b'"' && b != b'%');
     if clean {
-        return v.to_string();
+        return Cow::Borrowed(v);
     }
     let mut out = String::with_capacity(v.len() + 8);
     for b in v.bytes() {
@@ -222,7 +223,7 @@ pub fn header_value(v: &str) -> String {
             out.push_str(&format!("%{b:02X}"));
         }
     }
-    out
+    Cow::Owned(out)
 }
 
 #[cfg(test)]
