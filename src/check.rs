@@ -227,10 +227,14 @@ pub fn setup_sql(cfg: &Config) -> String {
          {}\n\
          {}\n\
          -- 2. The replication slot (outboxd also creates it on first start).\n\
+         {}\n\
+         -- 3. Optional: the table-less outbox. Inside a transaction, call\n\
+         --    SELECT {schema}.outbox_emit('Order', 'o-1', 'OrderPlaced', '{{\"total\": 3}}');\n\
          {}\n",
         create_table_sql(cfg),
         create_publication_sql(cfg),
         create_slot_sql(cfg),
+        crate::source::message::emit_function_sql(schema, &cfg.postgres.message_prefix),
         table = cfg.postgres.table,
     )
 }

@@ -145,6 +145,10 @@ pub struct PostgresConfig {
     pub heartbeat_interval_secs: u64,
     /// Seconds between reads of the slot's lag and WAL retention. Default 10.
     pub monitor_interval_secs: u64,
+    /// Prefix of table-less outbox events written with
+    /// `pg_logical_emit_message(true, prefix, json)`; empty turns them off.
+    /// Default `outboxd.event`.
+    pub message_prefix: String,
     /// Accept a new slot where the old one was invalidated (`wal_status = lost`) or
     /// vanished while in use, i.e. accept a possible gap. Also set by
     /// `outboxd run --allow-new-slot`. Default false.
@@ -174,6 +178,7 @@ impl Default for PostgresConfig {
             status_interval_ms: 1000,
             heartbeat_interval_secs: 10,
             monitor_interval_secs: 10,
+            message_prefix: "outboxd.event".into(),
             allow_new_slot: false,
             failover_slot: false,
             standby_poll_ms: 1000,
@@ -504,6 +509,12 @@ impl Config {
         identifier("postgres.table", table)?;
         if pg.status_interval_ms == 0 {
             return Err(invalid("postgres.status_interval_ms", "must be > 0"));
+        }
+        if pg.message_prefix == crate::source::monitor::HEARTBEAT_PREFIX {
+            return Err(invalid(
+                "postgres.message_prefix",
+                "is the heartbeat prefix; choose another",
+            ));
         }
         if pg.standby_poll_ms < 50 {
             return Err(invalid("postgres.standby_poll_ms", "must be >= 50 (ms)"));

@@ -208,6 +208,15 @@ async fn setup(cfg: &Config, apply: bool) -> anyhow::Result<ExitCode> {
         ))
         .await
         .context("creating the outbox table")?;
+    if !cfg.postgres.message_prefix.is_empty() {
+        control
+            .apply(&outboxd::source::message::emit_function_sql(
+                schema,
+                &cfg.postgres.message_prefix,
+            ))
+            .await
+            .context("creating outbox_emit()")?;
+    }
     let mut forced = cfg.clone();
     forced.postgres.create_publication = true;
     forced.postgres.create_slot = true;

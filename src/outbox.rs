@@ -321,6 +321,13 @@ fn decode_bytea(b: &[u8]) -> Option<Bytes> {
         .map(Bytes::from)
 }
 
+/// Parses an RFC 3339 timestamp (the table-less outbox's `created_at`).
+pub fn parse_rfc3339(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
 /// Parses `2026-11-23 10:49:40.123456+00` (timestamptz) or the same without offset
 /// (timestamp, taken as UTC).
 pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {

@@ -21,6 +21,7 @@
 //! so a slow broker never trips `wal_sender_timeout`.
 
 pub mod control;
+pub mod message;
 pub mod monitor;
 pub mod pgoutput;
 
@@ -163,6 +164,7 @@ pub struct Stream {
     layouts: HashMap<u32, Layout>,
     columns: ColumnMapping,
     table: (String, String),
+    message_prefix: String,
 }
 
 impl Stream {
@@ -217,6 +219,7 @@ impl Stream {
             layouts: HashMap::new(),
             columns: cfg.postgres.columns.clone(),
             table: (schema.to_string(), name.to_string()),
+            message_prefix: cfg.postgres.message_prefix.clone(),
         })
     }
 
@@ -294,9 +297,19 @@ impl Stream {
                 ReplicationEvent::Message {
                     prefix,
                     transactional,
+                    content,
                     ..
                 } => {
-                    tracing::debug!(%prefix, transactional, "logical decoding message ignored");
+                    if self.message_prefix.is_empty() || prefix != self.message_prefix {
+                        // Heartbeats and other applications' messages.
+                        tracing::trace!(%prefix, transactional, "logical decoding message ignored");
+                    } else if !transactional {
+                        // Not tied to a transaction: it may stand for work that rolled
+                        // back, and has no commit to order or confirm it by.
+                        tracing::warn!(%prefix, "non-transactional outbox message ignored: emit it with pg_logical_emit_message(true, ...)");
+                    } else {
+                        return Ok(Some(Change::Row(Box::new(message::decode(&content)))));
+                    }
                 }
                 ReplicationEvent::StoppedAt { .. } => return Ok(None),
             }

@@ -1,0 +1,169 @@
+//! Black-box: the table-less outbox (`pg_logical_emit_message`) and the
+//! insert-and-delete pattern, against real Postgres and nats-server.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::{config, read_stream, stream_len, wait_for, Nats, Postgres, Relay};
+
+/// Runs `outboxd setup --apply` (table, publication, slot, outbox_emit()).
+fn setup(cfg: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("outboxd.toml");
+    std::fs::write(&path, cfg).expect("config");
+    let o = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["setup", "--apply", "--config"])
+        .arg(&path)
+        .output()
+        .expect("setup");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emitted_events_follow_commit_order_and_rollbacks() {
+    let pg = Postgres::start();
+    let nats = Nats::start();
+    let cfg = config(&pg, Some(&nats), &[]);
+    setup(&cfg);
+    let _relay = Relay::spawn(&cfg);
+    pg.wait_streaming("outboxd").await;
+    let db = pg.client().await;
+
+    // Given a transaction mixing a table row and two emitted events
+    let rows = db
+        .query(
+            "WITH a AS (INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                        VALUES ('Order', 'o-1', 'FromTable', '{\"n\": 1}') RETURNING id::text)
+             SELECT id FROM a",
+            &[],
+        )
+        .await
+        .expect("insert");
+    let table_id: String = rows[0].get(0);
+    let tx_ids: Vec<String> = {
+        let mut c = pg.client().await;
+        let tx = c.transaction().await.expect("begin");
+        let a: String = tx
+            .query_one(
+                "SELECT outbox_emit('Order', 'o-1', 'Emitted', '{\"n\": 2}', 'flow-1')::text",
+                &[],
+            )
+            .await
+            .expect("emit")
+            .get(0);
+        let b: String = tx
+            .query_one(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                 VALUES ('Order', 'o-1', 'FromTable', '{\"n\": 3}') RETURNING id::text",
+                &[],
+            )
+            .await
+            .expect("insert")
+            .get(0);
+        let c_: String = tx
+            .query_one(
+                "SELECT outbox_emit('Order', 'o-1', 'Emitted', '{\"n\": 4}')::text",
+                &[],
+            )
+            .await
+            .expect("emit")
+            .get(0);
+        tx.commit().await.expect("commit");
+        vec![a, b, c_]
+    };
+    // and an emitted event in a transaction that rolls back, and a non-transactional one
+    db.batch_execute(
+        "BEGIN; SELECT outbox_emit('Order', 'o-1', 'Ghost', '{\"n\": 99}'); ROLLBACK;
+         SELECT pg_logical_emit_message(false, 'outboxd.event',
+           '{\"id\": \"nontx\", \"aggregate_type\": \"Order\", \"aggregate_id\": \"o-1\", \"event_type\": \"Ghost\", \"payload\": {}}');",
+    )
+    .await
+    .expect("ghosts");
+    let last = {
+        let row = db
+            .query_one(
+                "SELECT outbox_emit('Order', 'o-1', 'Emitted', '{\"n\": 5}')::text",
+                &[],
+            )
+            .await
+            .expect("emit");
+        row.get::<_, String>(0)
+    };
+
+    // Then the committed ones arrive in commit order, the ghosts never
+    let js = nats.jetstream().await;
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            stream_len(&js, "OUTBOX").await >= 5
+        })
+        .await
+    );
+    // (a delivered ghost would stand before `last` in commit order and break this)
+    let msgs = read_stream(&js, "OUTBOX").await;
+    let ids: Vec<&str> = msgs
+        .iter()
+        .map(|m| m.header("ce-id").expect("id"))
+        .collect();
+    let mut expected = vec![table_id.as_str()];
+    expected.extend(tx_ids.iter().map(String::as_str));
+    expected.push(&last);
+    assert_eq!(ids, expected);
+    // as the same CloudEvents a table row gives
+    let emitted = &msgs[1];
+    assert_eq!(emitted.subject, "outbox.Order");
+    assert_eq!(emitted.header("ce-type"), Some("Emitted"));
+    assert_eq!(emitted.header("ce-subject"), Some("o-1"));
+    assert_eq!(emitted.header("ce-correlationid"), Some("flow-1"));
+    assert_eq!(emitted.header("ce-causationid"), emitted.header("ce-id"));
+    assert_eq!(&emitted.payload[..], br#"{"n":2}"#);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insert_and_delete_in_one_transaction_still_delivers() {
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let nats = Nats::start();
+    let _relay = Relay::spawn(&config(&pg, Some(&nats), &[]));
+    pg.wait_streaming("outboxd").await;
+
+    // Given an application that deletes its outbox row in the same transaction
+    let id: String = {
+        let mut c = pg.client().await;
+        let tx = c.transaction().await.expect("begin");
+        let id: String = tx
+            .query_one(
+                "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
+                 VALUES ('Order', 'o-9', 'Placed', '{}') RETURNING id::text",
+                &[],
+            )
+            .await
+            .expect("insert")
+            .get(0);
+        tx.execute("DELETE FROM outbox WHERE id = $1::text::uuid", &[&id])
+            .await
+            .expect("delete");
+        tx.commit().await.expect("commit");
+        id
+    };
+
+    // Then the event is delivered (the WAL carries the insert), and the table is empty
+    let js = nats.jetstream().await;
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            stream_len(&js, "OUTBOX").await >= 1
+        })
+        .await
+    );
+    let msgs = read_stream(&js, "OUTBOX").await;
+    assert_eq!(msgs[0].header("ce-id"), Some(id.as_str()));
+    let left: i64 = pg
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM outbox", &[])
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(left, 0);
+}
