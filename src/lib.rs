@@ -28,6 +28,7 @@ pub mod http;
 pub mod metrics;
 pub mod outbox;
 pub mod relay;
+pub mod replay;
 pub mod route;
 pub mod sink;
 pub mod source;

@@ -57,6 +57,37 @@ enum Command {
     /// Validate the config and check Postgres (wal_level, REPLICATION, table, publication,
     /// slot) and the broker; print ok/FAIL with the fix for each; exit 1 on any FAIL.
     Check(ConfigArg),
+    /// Republish rows still in the outbox table (same CloudEvent ids, so dedup works),
+    /// selected by time, id range, aggregate type and/or id. Never touches the slot.
+    Replay {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Only rows with created_at >= this RFC 3339 time.
+        #[arg(long, value_name = "TIME")]
+        from: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only rows with created_at < this RFC 3339 time.
+        #[arg(long, value_name = "TIME")]
+        to: Option<chrono::DateTime<chrono::Utc>>,
+        /// Only rows with id >= this (in the id column's type order).
+        #[arg(long, value_name = "ID")]
+        from_id: Option<String>,
+        /// Only rows with id <= this.
+        #[arg(long, value_name = "ID")]
+        to_id: Option<String>,
+        /// Only this aggregate type.
+        #[arg(long)]
+        aggregate_type: Option<String>,
+        /// Only this aggregate id.
+        #[arg(long)]
+        aggregate_id: Option<String>,
+        /// Prepend this to the subject/topic (e.g. `replay.`); a stream or topic must
+        /// capture the result.
+        #[arg(long, value_name = "PREFIX")]
+        destination_prefix: Option<String>,
+        /// Count and show what would be sent; send nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print the SQL that creates the outbox table, the publication and the slot;
     /// with --apply, run it against postgres.url.
     Setup {
@@ -70,8 +101,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (Command::Run { config: c, .. } | Command::Check(c) | Command::Setup { config: c, .. }) =
-        &cli.command;
+    let (Command::Run { config: c, .. }
+    | Command::Check(c)
+    | Command::Replay { config: c, .. }
+    | Command::Setup { config: c, .. }) = &cli.command;
     let cfg = match Config::load(c.config.as_deref()) {
         Ok(mut cfg) => {
             if let Command::Run {
@@ -108,6 +141,27 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { .. } => run(cfg).await,
             Command::Check(_) => check(&cfg).await,
+            Command::Replay {
+                from,
+                to,
+                from_id,
+                to_id,
+                aggregate_type,
+                aggregate_id,
+                destination_prefix,
+                dry_run,
+                ..
+            } => {
+                let sel = outboxd::replay::Selection {
+                    from_time: from,
+                    to_time: to,
+                    from_id,
+                    to_id,
+                    aggregate_type,
+                    aggregate_id,
+                };
+                replay(cfg, &sel, destination_prefix, dry_run).await
+            }
             Command::Setup { apply, .. } => setup(&cfg, apply).await,
         }
     });
@@ -185,6 +239,35 @@ async fn check(cfg: &Config) -> anyhow::Result<ExitCode> {
     let checks = outboxd::check::run(cfg).await;
     print!("{}", outboxd::check::render(&checks));
     Ok(if checks.iter().all(|c| c.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILURE)
+    })
+}
+
+async fn replay(
+    mut cfg: Config,
+    sel: &outboxd::replay::Selection,
+    prefix: Option<String>,
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    if let Some(p) = prefix {
+        cfg.nats.subject = format!("{p}{}", cfg.nats.subject);
+        cfg.kafka.topic = format!("{p}{}", cfg.kafka.topic);
+    }
+    let s = outboxd::replay::run(&cfg, sel, dry_run)
+        .await
+        .context("replay failed")?;
+    let verb = if dry_run {
+        "would publish"
+    } else {
+        "published"
+    };
+    println!(
+        "replay: {} rows matched, {verb} {}, {} invalid (skipped, listed above)",
+        s.matched, s.published, s.invalid
+    );
+    Ok(if s.invalid == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(EXIT_FAILURE)
