@@ -78,6 +78,8 @@ struct Ctx<'a> {
     publish_duration: prometheus::Histogram,
     /// This process streamed from the slot before: a missing slot now is a lost one.
     streamed_before: std::cell::Cell<bool>,
+    /// The current session reached streaming (resets the reconnect backoff).
+    session_streamed: std::cell::Cell<bool>,
 }
 
 type InFlight = FuturesUnordered<BoxFuture<'static, (Item, Result<Delivered, SinkError>)>>;
@@ -117,13 +119,19 @@ async fn run_sessions(
         t,
         publish_duration,
         streamed_before: std::cell::Cell::new(false),
+        session_streamed: std::cell::Cell::new(false),
     };
     let mut attempt = 0u32;
     loop {
         if shutdown.is_cancelled() {
             return Ok(());
         }
+        ctx.session_streamed.set(false);
         let result = session(&ctx, shutdown).await;
+        if ctx.session_streamed.get() {
+            // A healthy session ended: the next outage starts with a short delay again.
+            attempt = 0;
+        }
         t.health.set_ready();
         t.metrics.set_streaming(false);
         if !matches!(result, Err(RelayError::Source(SourceError::SlotBusy(_)))) {
@@ -239,6 +247,7 @@ async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), Rela
         .await
         .map_err(|_| SourceError::Connection("set-up took longer than 60 s".into()))??;
     ctx.streamed_before.set(true);
+    ctx.session_streamed.set(true);
     t.health.set_ready();
     t.health.set_role(Role::Streaming);
     t.health.set_confirmed(slot.confirmed_flush_lsn);
@@ -252,11 +261,24 @@ async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), Rela
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     let max = cfg.sink.max_in_flight;
 
+    // On shutdown no new transaction is read, but an open one is read to its Commit
+    // (within the shutdown deadline): a transaction whose rows were all acknowledged
+    // but whose Commit was never read cannot be confirmed, and would be sent again.
+    let mut stop_by: Option<tokio::time::Instant> = None;
     let outcome: Result<(), RelayError> = loop {
         let held = in_flight.len() + gate.parked();
+        if let Some(deadline) = stop_by {
+            if txn.is_none() || tokio::time::Instant::now() >= deadline {
+                break Ok(());
+            }
+        }
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break Ok(()),
+            _ = shutdown.cancelled(), if stop_by.is_none() => {
+                stop_by = Some(tokio::time::Instant::now() + Duration::from_secs(cfg.sink.shutdown_timeout_secs));
+                continue;
+            }
+            _ = tokio::time::sleep_until(stop_by.unwrap_or_else(tokio::time::Instant::now)), if stop_by.is_some() => continue,
             _ = ticker.tick() => {
                 t.health.tick();
                 let lag = progress.oldest_commit_micros().map_or(0.0, |c| {
@@ -334,7 +356,14 @@ async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), Rela
         drain(ctx, &mut progress, &mut gate, &mut in_flight, &stream).await;
     }
     t.metrics.events_in_flight.set(0);
-    stream.close(Duration::from_secs(5)).await;
+    // After a clean stop, give the final confirmation time to reach the server; after an
+    // error the connection is gone and nothing can be sent, so do not wait for it.
+    let wait = if outcome.is_ok() {
+        Duration::from_secs(5)
+    } else {
+        Duration::ZERO
+    };
+    stream.close(wait).await;
     outcome
 }
 
@@ -485,20 +514,30 @@ async fn drain(
 ) {
     let deadline =
         tokio::time::Instant::now() + Duration::from_secs(ctx.cfg.sink.shutdown_timeout_secs);
-    let pending = in_flight.len();
+    let pending = in_flight.len() + gate.parked();
     while !in_flight.is_empty() {
         let next = tokio::time::timeout_at(deadline, in_flight.next()).await;
         let Ok(Some((item, result))) = next else {
             break;
         };
-        if let Ok(delivered) = &result {
-            acknowledged(ctx.t, ctx.sink.name(), &item, delivered);
-            if let Some(lsn) = progress.ack(item.txn) {
-                confirm(stream, ctx.t, lsn);
+        match &result {
+            Ok(delivered) => {
+                acknowledged(ctx.t, ctx.sink.name(), &item, delivered);
+                if let Some(lsn) = progress.ack(item.txn) {
+                    confirm(stream, ctx.t, lsn);
+                }
+                // Events already read wait behind this one for their aggregate: send
+                // them too (within the deadline), or the confirmed position would stop
+                // at the first of them and every later acknowledged event would be
+                // sent again after the restart.
+                if let Some(next) = gate.release(&item.env.aggregate_id) {
+                    in_flight.push(deliver(ctx, next, Duration::ZERO));
+                }
             }
+            // No retries while shutting down: this aggregate stops here, and the slot
+            // resends from the first unconfirmed event after the restart.
+            Err(_) => while gate.release(&item.env.aggregate_id).is_some() {},
         }
-        // Parked events of this key are not started: the slot will resend them.
-        let _ = gate.release(&item.env.aggregate_id);
     }
     tracing::info!(
         waited_for = pending,

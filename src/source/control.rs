@@ -234,8 +234,13 @@ impl Control {
                     Ok(())
                 }
                 Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => Ok(()),
+                Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Err(SourceError::Setup(format!(
+                    "table {} does not exist: create it (`outboxd setup` prints the SQL) or set \
+                     postgres.table",
+                    p.table
+                ))),
                 Err(e) => Err(SourceError::Setup(format!(
-                    "cannot create publication {}: {}; create it as the table owner \
+                    "cannot create publication {}: {}; create the publication as the table owner \
                      (see `outboxd setup`)",
                     p.publication,
                     db_message(&e)
@@ -344,11 +349,16 @@ impl Control {
             Ok(_) => tracing::info!(slot = %p.slot, "created replication slot"),
             Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
             Err(e) => {
+                let fix = if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
+                    ": the role needs REPLICATION: ALTER ROLE <role> REPLICATION (as a superuser)"
+                } else {
+                    ""
+                };
                 return Err(SourceError::Setup(format!(
-                    "cannot create replication slot {}: {}",
+                    "cannot create replication slot {}: {}{fix}",
                     p.slot,
                     db_message(&e)
-                )))
+                )));
             }
         }
         self.slot(&p.slot).await?.ok_or_else(|| {

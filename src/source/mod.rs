@@ -73,7 +73,10 @@ impl SourceError {
 
     fn connect(e: tokio_postgres::Error) -> Self {
         match e.as_db_error() {
-            // The server answered: wrong password, unknown database, no pg_hba entry.
+            Some(db) if transient(db.code()) => {
+                SourceError::Connection(format!("cannot connect: {}", control::db_message(&e)))
+            }
+            // The server answered for good: wrong password, unknown database, no pg_hba entry.
             Some(_) => SourceError::Setup(format!(
                 "cannot connect to postgres: {}",
                 control::db_message(&e)
@@ -84,6 +87,7 @@ impl SourceError {
 
     fn query(e: tokio_postgres::Error) -> Self {
         match e.as_db_error() {
+            Some(db) if transient(db.code()) => SourceError::Connection(control::db_message(&e)),
             Some(_) => SourceError::Setup(control::db_message(&e)),
             None => SourceError::Connection(e.to_string()),
         }
@@ -129,6 +133,18 @@ impl SourceError {
         }
         SourceError::Connection(e.to_string())
     }
+}
+
+/// SQLSTATE classes that mean "not now" rather than "not this way": connection
+/// exceptions (08), insufficient resources (53, e.g. too many connections), operator
+/// intervention (57: starting up, shutting down, admin shutdown), and transaction
+/// rollbacks (40). A restart of Postgres answers 57P03 for a while: that must be a
+/// retry, not a stop.
+fn transient(code: &tokio_postgres::error::SqlState) -> bool {
+    let c = code.code();
+    ["08", "53", "57", "40"]
+        .iter()
+        .any(|class| c.starts_with(class))
 }
 
 /// One item of the stream, in commit order.
