@@ -75,6 +75,8 @@ pub struct Postgres {
     pub port: u16,
     bin: PathBuf,
     wal_level: String,
+    /// Extra `-c name=value` server settings, kept across restarts.
+    settings: Vec<(String, String)>,
 }
 
 impl Postgres {
@@ -115,13 +117,19 @@ impl Postgres {
             port: free_port(),
             bin,
             wal_level: wal_level.to_string(),
+            settings: Vec::new(),
         };
         pg.pg_ctl_start();
         pg
     }
 
     fn pg_ctl_start(&self) {
-        let opts = format!(
+        self.pg_ctl_start_with(&[], true);
+    }
+
+    /// `pg_ctl start` with the cluster's settings plus `extra`; `wait` for "ready".
+    fn pg_ctl_start_with(&self, extra: &[(&str, &str)], wait: bool) {
+        let mut opts = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c wal_level={} -c max_wal_senders=20 \
              -c max_replication_slots=20 -c fsync=off -c synchronous_commit=off \
              -c wal_sender_timeout=30s",
@@ -129,12 +137,21 @@ impl Postgres {
             self.dir.path().display(),
             self.wal_level
         );
+        let settings = self.settings.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        for (name, value) in settings.chain(extra.iter().copied()) {
+            opts.push_str(&format!(" -c {name}={value}"));
+        }
         let status = as_pg_user(&self.bin.join("pg_ctl"))
             .arg("-D")
             .arg(self.dir.path().join("data"))
             .arg("-l")
             .arg(self.dir.path().join("log"))
-            .args(["-o", &opts, "-w", "-t", "60", "start"])
+            .args(["-o", &opts])
+            .args(if wait {
+                &["-w", "-t", "60", "start"][..]
+            } else {
+                &["-W", "start"][..]
+            })
             .stdout(Stdio::null())
             .status()
             .expect("run pg_ctl start");
@@ -627,30 +644,13 @@ impl Postgres {
     /// `pg_ctl_start`, e.g. `("wal_sender_timeout", "3s")`). Note: [`Postgres::restart`]
     /// starts the server with the defaults again.
     pub fn start_with_settings(settings: &[(&str, &str)]) -> Self {
-        // initdb and the default start live in `start`; restarting with the extra
-        // options keeps this an addition rather than a change to the constructors.
-        let pg = Self::start();
+        let mut pg = Self::start();
         pg.stop();
-        let mut opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_wal_senders=20 \
-             -c max_replication_slots=20 -c fsync=off -c synchronous_commit=off \
-             -c wal_sender_timeout=30s",
-            pg.port,
-            pg.dir.path().display(),
-        );
-        for (name, value) in settings {
-            opts.push_str(&format!(" -c {name}={value}"));
-        }
-        let status = as_pg_user(&pg.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(pg.dir.path().join("data"))
-            .arg("-l")
-            .arg(pg.dir.path().join("log"))
-            .args(["-o", &opts, "-w", "-t", "60", "start"])
-            .stdout(Stdio::null())
-            .status()
-            .expect("run pg_ctl start");
-        assert!(status.success(), "pg_ctl start failed; log: {}", pg.log());
+        pg.settings = settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        pg.pg_ctl_start();
         pg
     }
 
@@ -788,8 +788,9 @@ impl SplitMix64 {
 }
 
 /// The test seed: `OUTBOXD_TEST_SEED` when set (to replay a run), else the clock.
+/// Printed, so a failing run shows how to replay it.
 pub fn seed() -> u64 {
-    std::env::var("OUTBOXD_TEST_SEED")
+    let seed = std::env::var("OUTBOXD_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| {
@@ -797,5 +798,46 @@ pub fn seed() -> u64 {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(42)
-        })
+        });
+    eprintln!("seed {seed} (replay with OUTBOXD_TEST_SEED={seed})");
+    seed
+}
+
+impl Postgres {
+    /// Restarts the server so that it is up but refuses every connection with
+    /// SQLSTATE 57P03 ("the database system is not accepting connections"), as during
+    /// start-up or recovery: standby mode with `hot_standby=off` and no primary to
+    /// follow, until [`Postgres::promote`].
+    pub fn restart_not_accepting_connections(&self) {
+        self.stop();
+        std::fs::write(self.dir.path().join("data").join("standby.signal"), "")
+            .expect("standby.signal");
+        // Do not wait for "ready", which this server never becomes.
+        self.pg_ctl_start_with(&[("hot_standby", "off")], false);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.log().contains("entering standby mode") {
+            assert!(
+                Instant::now() < deadline,
+                "no standby mode; log: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Ends standby mode: the server accepts connections as a primary.
+    pub fn promote(&self) {
+        let status = as_pg_user(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-w", "-t", "60", "promote"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run pg_ctl promote");
+        assert!(
+            status.success(),
+            "pg_ctl promote failed; log: {}",
+            self.log()
+        );
+    }
 }
