@@ -46,7 +46,13 @@ enum Command {
     Run(ConfigArg),
     /// Validate the config and check Postgres (wal_level, REPLICATION, table, publication,
     /// slot) and the broker; print ok/FAIL with the fix for each; exit 1 on any FAIL.
-    Check(ConfigArg),
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Kafka: also check the topic of this aggregate type (repeatable).
+        #[arg(long = "aggregate-type", value_name = "TYPE")]
+        aggregate_types: Vec<String>,
+    },
     /// Print the SQL that creates the outbox table, the publication and the slot;
     /// with --apply, run it against postgres.url.
     Setup {
@@ -60,7 +66,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (Command::Run(c) | Command::Check(c) | Command::Setup { config: c, .. }) = &cli.command;
+    let (Command::Run(c) | Command::Check { config: c, .. } | Command::Setup { config: c, .. }) =
+        &cli.command;
     let cfg = match Config::load(c.config.as_deref()) {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -82,7 +89,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Run(_) => run(cfg).await,
-            Command::Check(_) => check(&cfg).await,
+            Command::Check {
+                aggregate_types, ..
+            } => check(&cfg, &aggregate_types).await,
             Command::Setup { apply, .. } => setup(&cfg, apply).await,
         }
     });
@@ -140,8 +149,8 @@ async fn signals(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-async fn check(cfg: &Config) -> anyhow::Result<ExitCode> {
-    let checks = outboxd::check::run(cfg).await;
+async fn check(cfg: &Config, aggregate_types: &[String]) -> anyhow::Result<ExitCode> {
+    let checks = outboxd::check::run(cfg, aggregate_types).await;
     print!("{}", outboxd::check::render(&checks));
     Ok(if checks.iter().all(|c| c.ok) {
         ExitCode::SUCCESS

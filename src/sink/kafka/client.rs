@@ -52,7 +52,13 @@ pub fn producer_config(cfg: &KafkaConfig) -> ClientConfig {
     for (k, v) in &cfg.properties {
         c.set(k, v.expose());
     }
-    c.set_log_level(RDKafkaLogLevel::Info);
+    // librdkafka's debug lines only flow when the operator asked for them with the
+    // `debug` property; the `librdkafka` tracing target filters them further.
+    c.set_log_level(if cfg.properties.contains_key("debug") {
+        RDKafkaLogLevel::Debug
+    } else {
+        RDKafkaLogLevel::Info
+    });
     c
 }
 
