@@ -181,20 +181,19 @@ pub async fn inspect(cfg: &KafkaConfig, timeout: Duration) -> Result<ClusterView
     // This client sends nothing; it must not register an idempotent producer id.
     config.set("enable.idempotence", "false");
     let admin: AdminClient<Context> = create(&config, cfg)?;
-    let admin = std::sync::Arc::new(admin);
-    let meta_admin = admin.clone();
-    let metadata = tokio::task::spawn_blocking(move || {
-        meta_admin.inner().fetch_metadata(None, timeout).map(|m| {
+    // Blocking calls, off the async workers: the metadata request, and on failure the
+    // client's drop (librdkafka joins its threads).
+    let (admin, broker_ids, topics) = tokio::task::spawn_blocking(move || {
+        let answer = admin.inner().fetch_metadata(None, timeout);
+        answer.map(|m| {
             let topics = m
                 .topics()
                 .iter()
                 .filter(|t| t.error().is_none() && !t.name().starts_with("__"))
                 .map(|t| (t.name().to_string(), t.partitions().len()))
                 .collect::<BTreeMap<_, _>>();
-            (
-                m.brokers().iter().map(|b| b.id()).collect::<Vec<_>>(),
-                topics,
-            )
+            let brokers = m.brokers().iter().map(|b| b.id()).collect::<Vec<_>>();
+            (admin, brokers, topics)
         })
     })
     .await
@@ -205,7 +204,6 @@ pub async fn inspect(cfg: &KafkaConfig, timeout: Duration) -> Result<ClusterView
             format!("no metadata from {} within {timeout:?}: {e}", cfg.brokers),
         )
     })?;
-    let (broker_ids, topics) = metadata;
     let mut auto_create = None;
     if let Some(id) = broker_ids.first() {
         let opts = AdminOptions::new().request_timeout(Some(timeout));
@@ -288,6 +286,19 @@ mod tests {
         );
         assert_eq!(w.len(), 3, "{w:?}");
         assert!(w[0].starts_with("enable.idempotence is off"));
+    }
+
+    #[test]
+    fn the_example_config_builds_a_producer() {
+        // Given the [kafka] section of config/kafka.toml (what docs/kafka.md shows)
+        use figment::providers::{Format, Toml};
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/kafka.toml");
+        let cfg: KafkaConfig = figment::Figment::from(Toml::file_exact(path))
+            .extract_inner("kafka")
+            .expect("config/kafka.toml [kafka] parses");
+        // Then librdkafka accepts every property (compression codec included)
+        assert!(weakened(&cfg.properties).is_empty());
+        let _producer = create::<Producer>(&producer_config(&cfg), &cfg).expect("producer");
     }
 
     #[test]

@@ -74,13 +74,12 @@ impl KafkaSink {
             tracing::warn!(%warning, "kafka.properties weakens a delivery guarantee");
         }
         let settings = client::producer_config(cfg);
-        let producer: Arc<Producer> = Arc::new(client::create(&settings, cfg)?);
-        let probe = producer.clone();
-        let brokers = tokio::task::spawn_blocking(move || {
-            probe
-                .client()
-                .fetch_metadata(None, CONNECT_TIMEOUT)
-                .map(|m| m.brokers().len())
+        let producer: Producer = client::create(&settings, cfg)?;
+        // Blocking calls, off the async workers: the metadata request, and on failure
+        // the producer's drop (librdkafka purges, flushes and joins its threads).
+        let (producer, brokers) = tokio::task::spawn_blocking(move || {
+            let answer = producer.client().fetch_metadata(None, CONNECT_TIMEOUT);
+            answer.map(|m| (producer, m.brokers().len()))
         })
         .await
         .map_err(|e| SinkError::Retryable {
@@ -106,7 +105,7 @@ impl KafkaSink {
             "kafka producer ready"
         );
         Ok(Self {
-            producer: RwLock::new(producer),
+            producer: RwLock::new(Arc::new(producer)),
             settings,
             kafka: cfg.clone(),
             topic,
