@@ -271,3 +271,53 @@ fn line_of(out: &str, needle: &str) -> String {
         .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{out}"))
         .to_string()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_idempotence_error_replaces_the_producer_and_loses_nothing() {
+    // Given a mock broker that answers the next produce request with a sequence
+    // desynchronisation, which librdkafka's idempotent producer treats as fatal: the
+    // producer instance can never send again.
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    const TOPIC: &str = "outbox.event.Order";
+    let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    mock.create_topic(TOPIC, 4, 1).expect("topic");
+    let brokers = mock.bootstrap_servers();
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let mut relay = Relay::spawn(&kafka_config(&pg, &brokers, &[]));
+    pg.wait_streaming("outboxd").await;
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+    );
+
+    // When events are committed
+    let db = pg.client().await;
+    let mut n = 0i64;
+    let all = write_rows(&db, &mut n, 40).await;
+
+    // Then the sink replaces the producer, and every event arrives in order per key
+    assert!(
+        wait_for(Duration::from_secs(60), || async {
+            ids_in(&brokers, TOPIC).await == all
+        })
+        .await,
+        "events are missing after the fatal producer error:\n{}",
+        relay.stderr()
+    );
+    assert!(
+        relay
+            .stderr()
+            .contains("kafka producer failed fatally; replaced it"),
+        "{}",
+        relay.stderr()
+    );
+    let records = read_topic(&brokers, TOPIC).await;
+    assert_same_event_when_repeated(&records);
+    assert_order_per_key(&records, n_of);
+    assert!(
+        relay.try_exit().is_none(),
+        "relay exited:\n{}",
+        relay.stderr()
+    );
+}
