@@ -11,12 +11,13 @@ FROM rust:${RUST_VERSION}-bookworm AS build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # rdkafka builds librdkafka from source (vendored): C/C++ toolchain, perl and
-# python3 for its configure script, zlib headers.
+# python3 for its configure script, zlib headers, and OpenSSL headers (SSL and
+# SASL_SSL listeners; libssl3 itself is in the distroless runtime).
 # Versions are not pinned: the bookworm base image pins the distribution, and
 # exact Debian versions vanish from the mirrors after each point release.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends gcc g++ make pkg-config zlib1g-dev perl python3 \
+ && apt-get install -y --no-install-recommends gcc g++ make pkg-config zlib1g-dev libssl-dev perl python3 \
  && rm -rf /var/lib/apt/lists/*
 
 # Link zlib statically: the distroless runtime has no libz.

@@ -25,6 +25,8 @@ pub const DEFAULT_TABLE: &str = "public.outbox";
 pub const DEFAULT_NATS_SUBJECT: &str = "outbox.{aggregate_type}";
 /// Default Kafka topic template: Debezium's Outbox Event Router convention.
 pub const DEFAULT_KAFKA_TOPIC: &str = "outbox.event.{aggregate_type}";
+/// Default Kafka `message.timeout.ms`: a delivery report fails after this long.
+pub const DEFAULT_KAFKA_MESSAGE_TIMEOUT_MS: u64 = 30_000;
 /// Default listen address of the HTTP endpoints.
 pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:9187";
 /// Prefix of the environment variables that override the file.
@@ -368,8 +370,16 @@ pub struct KafkaConfig {
     pub dead_letter_topic: String,
     /// `binary` (default) or `structured`.
     pub content_mode: ContentMode,
-    /// librdkafka properties passed through (SASL, SSL, tuning). Values are treated as secrets.
+    /// How long librdkafka may try to deliver one record before its delivery report
+    /// fails (`message.timeout.ms`), in ms. The relay then retries it. Default 30000.
+    pub message_timeout_ms: u64,
+    /// librdkafka properties passed through (SASL, SSL, tuning); they win over
+    /// outboxd's producer defaults. Values are treated as secrets. Default empty.
     pub properties: BTreeMap<String, Secret>,
+    /// librdkafka properties whose values are read from files (mounted Secrets), e.g.
+    /// `"sasl.password" = "/var/run/secrets/kafka/password"`; a trailing newline is
+    /// dropped. They win over `properties`. Default empty.
+    pub properties_files: BTreeMap<String, PathBuf>,
 }
 
 impl Default for KafkaConfig {
@@ -380,7 +390,9 @@ impl Default for KafkaConfig {
             key: "{aggregate_id}".into(),
             dead_letter_topic: "outbox.deadletter".into(),
             content_mode: ContentMode::Binary,
+            message_timeout_ms: DEFAULT_KAFKA_MESSAGE_TIMEOUT_MS,
             properties: BTreeMap::new(),
+            properties_files: BTreeMap::new(),
         }
     }
 }
@@ -475,6 +487,11 @@ impl Config {
         }
         if let Some(p) = &self.nats.url_file {
             self.nats.url = Secret::new(read_secret("nats.url_file", p)?);
+        }
+        for (name, p) in &self.kafka.properties_files {
+            let key = format!("kafka.properties_files.{name}");
+            let value = Secret::new(read_secret(&key, p)?);
+            self.kafka.properties.insert(name.clone(), value);
         }
         Ok(())
     }
@@ -595,6 +612,9 @@ impl Config {
                     .map_err(|e| invalid("kafka.key", e.to_string()))?;
                 if self.kafka.brokers.is_empty() {
                     return Err(invalid("kafka.brokers", "missing"));
+                }
+                if self.kafka.message_timeout_ms == 0 {
+                    return Err(invalid("kafka.message_timeout_ms", "must be > 0"));
                 }
             }
             SinkKind::Stdout => {}
@@ -774,6 +794,35 @@ mod tests {
             )
             .expect_err("bad source");
             assert!(err.to_string().starts_with("cloudevents.source:"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn kafka_property_files_are_read_and_never_printed() {
+        Jail::expect_with(|jail| {
+            jail.create_file("kafka-password", "s3cr3t\n")?;
+            let cfg = load_in(
+                jail,
+                "[postgres]\nurl = \"postgres://h/db\"\n[sink]\nkind = \"kafka\"\n\
+                 [kafka.properties]\n\"sasl.username\" = \"app\"\n\"sasl.password\" = \"old\"\n\
+                 [kafka.properties_files]\n\"sasl.password\" = \"kafka-password\"\n",
+            )
+            .expect("ok");
+            let props = &cfg.kafka.properties;
+            assert_eq!(props["sasl.password"].expose(), "s3cr3t", "the file wins");
+            assert_eq!(props["sasl.username"].expose(), "app");
+            assert_eq!(cfg.kafka.message_timeout_ms, 30_000);
+            assert!(!format!("{cfg:?}").contains("s3cr3t"));
+            let err = load_in(
+                jail,
+                "[postgres]\nurl = \"postgres://h/db\"\n[sink]\nkind = \"kafka\"\n[kafka]\nmessage_timeout_ms = 0\n",
+            )
+            .expect_err("zero timeout");
+            assert!(
+                err.to_string().starts_with("kafka.message_timeout_ms:"),
+                "{err}"
+            );
             Ok(())
         });
     }

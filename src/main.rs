@@ -56,7 +56,13 @@ enum Command {
     },
     /// Validate the config and check Postgres (wal_level, REPLICATION, table, publication,
     /// slot) and the broker; print ok/FAIL with the fix for each; exit 1 on any FAIL.
-    Check(ConfigArg),
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Kafka: also check the topic of this aggregate type (repeatable).
+        #[arg(long = "aggregate-type", value_name = "TYPE")]
+        aggregate_types: Vec<String>,
+    },
     /// Republish rows still in the outbox table (same CloudEvent ids, so dedup works),
     /// selected by time, id range, aggregate type and/or id. Never touches the slot.
     Replay {
@@ -102,7 +108,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (Command::Run { config: c, .. }
-    | Command::Check(c)
+    | Command::Check { config: c, .. }
     | Command::Replay { config: c, .. }
     | Command::Setup { config: c, .. }) = &cli.command;
     let cfg = match Config::load(c.config.as_deref()) {
@@ -140,7 +146,9 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Run { .. } => run(cfg).await,
-            Command::Check(_) => check(&cfg).await,
+            Command::Check {
+                aggregate_types, ..
+            } => check(&cfg, &aggregate_types).await,
             Command::Replay {
                 from,
                 to,
@@ -235,8 +243,8 @@ async fn signals(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-async fn check(cfg: &Config) -> anyhow::Result<ExitCode> {
-    let checks = outboxd::check::run(cfg).await;
+async fn check(cfg: &Config, aggregate_types: &[String]) -> anyhow::Result<ExitCode> {
+    let checks = outboxd::check::run(cfg, aggregate_types).await;
     print!("{}", outboxd::check::render(&checks));
     Ok(if checks.iter().all(|c| c.ok) {
         ExitCode::SUCCESS

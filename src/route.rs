@@ -97,6 +97,25 @@ impl Template {
         Ok(Self { parts })
     }
 
+    /// The literal text before the first placeholder; all of it for a template
+    /// without placeholders.
+    pub fn literal_prefix(&self) -> &str {
+        match self.parts.first() {
+            Some(Part::Literal(s)) => s,
+            _ => "",
+        }
+    }
+
+    /// True when the template has no placeholders (it always renders the same).
+    pub fn is_literal(&self) -> bool {
+        self.parts.iter().all(|p| matches!(p, Part::Literal(_)))
+    }
+
+    /// True when `field` occurs in the template.
+    pub fn uses(&self, field: Field) -> bool {
+        self.parts.contains(&Part::Field(field))
+    }
+
     /// Renders the template, sanitising every field value.
     pub fn render(&self, fields: &Fields<'_>, how: Sanitize) -> String {
         let mut out = String::with_capacity(64);
@@ -212,6 +231,18 @@ mod tests {
             ..F
         };
         assert_eq!(t.render(&f, Sanitize::None), "a.b c");
+    }
+
+    #[test]
+    fn prefix_and_fields_are_known() {
+        let t = Template::parse("outbox.event.{aggregate_type}").expect("valid");
+        assert_eq!(t.literal_prefix(), "outbox.event.");
+        assert!(!t.is_literal());
+        assert!(t.uses(Field::AggregateType) && !t.uses(Field::AggregateId));
+        let t = Template::parse("orders").expect("valid");
+        assert_eq!((t.literal_prefix(), t.is_literal()), ("orders", true));
+        let t = Template::parse("{event_type}.x").expect("valid");
+        assert_eq!(t.literal_prefix(), "");
     }
 
     #[test]

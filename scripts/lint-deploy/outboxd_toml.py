@@ -9,13 +9,21 @@ few rules below, which catch the mistakes a deployment file can make.
 import tomllib
 
 COLUMNS = {"id", "aggregate_type", "aggregate_id", "event_type", "payload",
-           "correlation_id", "causation_id", "headers", "created_at"}
+           "correlation_id", "causation_id", "headers", "created_at", "content_type"}
+# Mirrors the structs of src/config.rs (deny_unknown_fields there); tests/cli.rs loads
+# the shipped config files with the real parser as well.
 SECTIONS = {
-    "postgres": {"url", "url_file", "slot", "publication", "table", "columns"},
-    "cloudevents": {"source", "type_prefix"},
-    "sink": {"kind"},
-    "nats": {"url", "url_file", "subject", "stream", "create_stream"},
-    "kafka": {"brokers", "topic", "properties"},
+    "postgres": {"url", "url_file", "password_file", "slot", "publication", "table",
+                 "create_publication", "create_slot", "status_interval_ms",
+                 "heartbeat_interval_secs", "monitor_interval_secs", "message_prefix",
+                 "allow_new_slot", "failover_slot", "standby_poll_ms", "columns"},
+    "cloudevents": {"source", "type_prefix", "default_content_type"},
+    "sink": {"kind", "max_in_flight", "on_invalid", "on_rejected", "shutdown_timeout_secs"},
+    "nats": {"url", "url_file", "subject", "stream", "stream_subjects", "create_stream",
+             "dead_letter_subject", "content_mode", "ack_timeout_ms"},
+    "kafka": {"brokers", "topic", "key", "dead_letter_topic", "content_mode",
+              "message_timeout_ms", "properties", "properties_files"},
+    "retry": {"initial_backoff_ms", "max_backoff_ms"},
     "http": {"listen"},
     "log": {"format", "level"},
 }

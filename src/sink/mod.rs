@@ -11,6 +11,7 @@
 //! down, timeout: retry with backoff, never dead-letter) and [`SinkError::Rejected`]
 //! (this event can never be accepted: the poison-row policy decides).
 
+pub mod kafka;
 pub mod nats;
 pub mod stdout;
 
@@ -108,6 +109,8 @@ pub enum Sink {
     Stdout(stdout::StdoutSink),
     /// NATS JetStream.
     Nats(nats::NatsSink),
+    /// Kafka.
+    Kafka(kafka::KafkaSink),
 }
 
 impl Sink {
@@ -116,11 +119,7 @@ impl Sink {
         match cfg.sink.kind {
             SinkKind::Stdout => Ok(Sink::Stdout(stdout::StdoutSink::new())),
             SinkKind::Nats => Ok(Sink::Nats(nats::NatsSink::connect(&cfg.nats).await?)),
-            SinkKind::Kafka => Err(SinkError::Fatal {
-                sink: "kafka",
-                detail: "the kafka sink is not built yet; use sink.kind = \"nats\" or \"stdout\""
-                    .into(),
-            }),
+            SinkKind::Kafka => Ok(Sink::Kafka(kafka::KafkaSink::connect(&cfg.kafka).await?)),
         }
     }
 
@@ -129,6 +128,7 @@ impl Sink {
         match self {
             Sink::Stdout(s) => s.publish(env),
             Sink::Nats(s) => s.publish(env).await,
+            Sink::Kafka(s) => s.publish(env).await,
         }
     }
 
@@ -137,6 +137,7 @@ impl Sink {
         match self {
             Sink::Stdout(_) => "stdout",
             Sink::Nats(_) => "nats",
+            Sink::Kafka(_) => "kafka",
         }
     }
 }

@@ -1,0 +1,155 @@
+//! One CloudEvent -> one Kafka record's headers and value, by the CloudEvents Kafka
+//! protocol binding (1.0). Pure: no I/O, no producer, so every rule is unit-tested.
+//!
+//! Binary content mode (default): every attribute except `datacontenttype` becomes a
+//! `ce_<name>` header (`ce_id`, `ce_source`, `ce_specversion`, `ce_type`,
+//! `ce_subject`, `ce_time`, `ce_<extension>`), `datacontenttype` becomes
+//! `content-type`, and the data is the value, as-is. An event without data is a record
+//! without value (a tombstone on a compacted topic, as the binding says).
+//!
+//! Structured content mode: the value is the JSON event format, and the only header is
+//! `content-type: application/cloudevents+json`.
+//!
+//! Header values are the attributes' canonical strings as UTF-8 bytes. Unlike HTTP
+//! (and NATS), Kafka headers are length-prefixed byte strings, so nothing needs
+//! percent-encoding: a CR/LF in a row value cannot break the record.
+
+use cloudevents::event::Data;
+use cloudevents::Event;
+
+use crate::config::ContentMode;
+
+/// The `content-type` of structured mode (the JSON event format).
+pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
+
+/// Headers and value of one record; the key and topic are routing, not encoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    /// Header name and UTF-8 value, in the order they are written.
+    pub headers: Vec<(String, String)>,
+    /// The record value; `None` is a record without value.
+    pub value: Option<Vec<u8>>,
+}
+
+/// Why an event cannot be encoded: the event itself is at fault, so no retry helps.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot encode the event as JSON: {0}")]
+pub struct EncodeError(#[from] serde_json::Error);
+
+/// Encodes `event` in `mode`.
+pub fn encode(event: &Event, mode: ContentMode) -> Result<Encoded, EncodeError> {
+    match mode {
+        ContentMode::Structured => Ok(Encoded {
+            headers: vec![("content-type".into(), STRUCTURED_CONTENT_TYPE.into())],
+            value: Some(serde_json::to_vec(event)?),
+        }),
+        ContentMode::Binary => {
+            let mut headers = Vec::with_capacity(12);
+            for (name, value) in event.iter_attributes() {
+                let header = if name == "datacontenttype" {
+                    "content-type".to_string()
+                } else {
+                    format!("ce_{name}")
+                };
+                headers.push((header, value.to_string()));
+            }
+            for (name, value) in event.iter_extensions() {
+                headers.push((format!("ce_{name}"), value.to_string()));
+            }
+            let value = match event.data() {
+                None => None,
+                Some(Data::Json(v)) => Some(serde_json::to_vec(v)?),
+                Some(Data::String(s)) => Some(s.as_bytes().to_vec()),
+                Some(Data::Binary(b)) => Some(b.clone()),
+            };
+            Ok(Encoded { headers, value })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudevents::{EventBuilder, EventBuilderV10};
+
+    fn event() -> Event {
+        EventBuilderV10::new()
+            .id("e-1")
+            .source("/s")
+            .ty("OrderCreated")
+            .subject("line\r\nInjected: yes")
+            .time("2024-05-06T07:08:09Z")
+            .extension("partitionkey", "o-1")
+            .data("application/json", serde_json::json!({"a": 1}))
+            .build()
+            .expect("valid")
+    }
+
+    fn header<'a>(e: &'a Encoded, name: &str) -> Option<&'a str> {
+        e.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn binary_mode_maps_attributes_to_ce_headers_and_data_to_the_value() {
+        // Given an event with data, a subject and an extension
+        // When it is encoded in binary mode
+        let e = encode(&event(), ContentMode::Binary).expect("encodes");
+        // Then every attribute is a ce_ header and the data is the value as-is
+        assert_eq!(header(&e, "ce_id"), Some("e-1"));
+        assert_eq!(header(&e, "ce_source"), Some("/s"));
+        assert_eq!(header(&e, "ce_specversion"), Some("1.0"));
+        assert_eq!(header(&e, "ce_type"), Some("OrderCreated"));
+        assert_eq!(header(&e, "ce_time"), Some("2024-05-06T07:08:09+00:00"));
+        assert_eq!(header(&e, "ce_partitionkey"), Some("o-1"));
+        assert_eq!(header(&e, "content-type"), Some("application/json"));
+        assert_eq!(header(&e, "ce_datacontenttype"), None);
+        assert_eq!(e.value.as_deref(), Some(&br#"{"a":1}"#[..]));
+        // and a value with CR/LF stays verbatim: Kafka headers are length-prefixed
+        assert_eq!(header(&e, "ce_subject"), Some("line\r\nInjected: yes"));
+    }
+
+    #[test]
+    fn binary_mode_without_data_has_no_value() {
+        let ev = EventBuilderV10::new()
+            .id("e-2")
+            .source("/s")
+            .ty("T")
+            .build()
+            .expect("valid");
+        let e = encode(&ev, ContentMode::Binary).expect("encodes");
+        assert_eq!(e.value, None);
+        assert_eq!(header(&e, "content-type"), None);
+    }
+
+    #[test]
+    fn binary_mode_passes_text_and_bytes_unchanged() {
+        let mut ev = event();
+        ev.set_data("text/plain", "héllo");
+        let e = encode(&ev, ContentMode::Binary).expect("encodes");
+        assert_eq!(e.value.as_deref(), Some("héllo".as_bytes()));
+        assert_eq!(header(&e, "content-type"), Some("text/plain"));
+        ev.set_data("application/octet-stream", vec![0u8, 159, 146, 150]);
+        let e = encode(&ev, ContentMode::Binary).expect("encodes");
+        assert_eq!(e.value.as_deref(), Some(&[0u8, 159, 146, 150][..]));
+    }
+
+    #[test]
+    fn structured_mode_is_the_json_event_format() {
+        // When an event is encoded in structured mode
+        let e = encode(&event(), ContentMode::Structured).expect("encodes");
+        // Then the only header is the CloudEvents media type and the value parses back
+        assert_eq!(
+            e.headers,
+            vec![(
+                "content-type".to_string(),
+                STRUCTURED_CONTENT_TYPE.to_string()
+            )]
+        );
+        let back: Event =
+            serde_json::from_slice(e.value.as_deref().expect("value")).expect("json format");
+        assert_eq!(back, event());
+    }
+}

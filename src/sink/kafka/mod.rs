@@ -1,0 +1,236 @@
+//! Kafka sink: CloudEvents Kafka protocol binding over one idempotent librdkafka
+//! producer; `publish` resolves when the delivery report arrives.
+//!
+//! - Topic: `kafka.topic` rendered with [`Sanitize::KafkaTopic`] (default
+//!   `outbox.event.{aggregate_type}`, Debezium's Outbox Event Router convention).
+//! - Key: `kafka.key` rendered verbatim (default the aggregate id), partitioned by
+//!   `murmur2_random` as Java producers do.
+//! - Durable means: the delivery report succeeded with `acks=all` (unless the operator
+//!   overrode `acks`, which is warned about at start-up).
+//!
+//! Ordering. librdkafka keeps the order of records of one partition, and idempotence
+//! keeps its own retries from reordering or duplicating them. A failed delivery report
+//! is not retried by librdkafka, though: the relay retries it, and it may do so only
+//! because it never has two events of one aggregate in flight (its per-key gate). The
+//! records of one aggregate therefore reach the partition in commit order, whatever
+//! this sink's retries do. Records of different aggregates that share a Kafka key
+//! (a `kafka.key` template without `{aggregate_id}`) are not ordered among each other.
+//!
+//! A fatal producer error (librdkafka lost the idempotence state it cannot recover,
+//! e.g. after the broker forgot the producer id) makes the producer unusable. This
+//! sink then replaces it with a fresh one and reports the event as retryable: a new
+//! producer id means records in flight may be written twice, never lost.
+//!
+//! This module never logs payloads or property values.
+
+mod classify;
+pub mod client;
+pub mod encode;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureRecord, Producer as _};
+
+use super::{Delivered, Envelope, SinkError};
+use crate::config::{ContentMode, KafkaConfig};
+use crate::route::{Sanitize, Template};
+use classify::{classify, Class};
+use client::Producer;
+
+const SINK: &str = "kafka";
+
+/// How long `connect` waits for the cluster's metadata before reporting a retryable
+/// error (the relay then retries the connect with backoff).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Publishes to Kafka.
+pub struct KafkaSink {
+    /// The producer in use; replaced after a fatal error (see the module docs).
+    producer: RwLock<Arc<Producer>>,
+    /// The producer's settings, kept to build a replacement. Holds secrets: never
+    /// formatted.
+    settings: rdkafka::ClientConfig,
+    kafka: KafkaConfig,
+    topic: Template,
+    key: Template,
+    mode: ContentMode,
+}
+
+impl KafkaSink {
+    /// Creates the producer and waits until a broker answers a metadata request.
+    pub async fn connect(cfg: &KafkaConfig) -> Result<Self, SinkError> {
+        let topic = Template::parse(&cfg.topic).map_err(|e| SinkError::Fatal {
+            sink: SINK,
+            detail: format!("kafka.topic: {e}"),
+        })?;
+        let key = Template::parse(&cfg.key).map_err(|e| SinkError::Fatal {
+            sink: SINK,
+            detail: format!("kafka.key: {e}"),
+        })?;
+        for warning in client::weakened(&cfg.properties) {
+            tracing::warn!(%warning, "kafka.properties weakens a delivery guarantee");
+        }
+        let settings = client::producer_config(cfg);
+        let producer: Producer = client::create(&settings, cfg)?;
+        // Blocking calls, off the async workers: the metadata request, and on failure
+        // the producer's drop (librdkafka purges, flushes and joins its threads).
+        let (producer, brokers) = tokio::task::spawn_blocking(move || {
+            let answer = producer.client().fetch_metadata(None, CONNECT_TIMEOUT);
+            answer.map(|m| (producer, m.brokers().len()))
+        })
+        .await
+        .map_err(|e| SinkError::Retryable {
+            sink: SINK,
+            reason: "connect",
+            detail: format!("metadata task failed: {e}"),
+        })?
+        .map_err(|e| SinkError::Retryable {
+            sink: SINK,
+            reason: "connect",
+            detail: format!(
+                "no metadata from {} within {CONNECT_TIMEOUT:?}: {e}",
+                cfg.brokers
+            ),
+        })?;
+        tracing::info!(
+            brokers = %cfg.brokers,
+            reachable_brokers = brokers,
+            topic = %topic,
+            key = %key,
+            content_mode = ?cfg.content_mode,
+            overridden = ?cfg.properties.keys().collect::<Vec<_>>(),
+            "kafka producer ready"
+        );
+        Ok(Self {
+            producer: RwLock::new(Arc::new(producer)),
+            settings,
+            kafka: cfg.clone(),
+            topic,
+            key,
+            mode: cfg.content_mode,
+        })
+    }
+
+    /// Enqueues the record and waits for its delivery report.
+    pub async fn publish(&self, env: &Envelope) -> Result<Delivered, SinkError> {
+        let topic = if env.dead_letter {
+            self.kafka.dead_letter_topic.clone()
+        } else {
+            self.topic.render(&env.fields(), Sanitize::KafkaTopic)
+        };
+        let key = self.key.render(&env.fields(), Sanitize::None);
+        let encoded = encode::encode(&env.event, self.mode).map_err(|e| SinkError::Rejected {
+            sink: SINK,
+            reason: "encode",
+            detail: e.to_string(),
+        })?;
+        let size = encoded.value.as_ref().map_or(0, Vec::len);
+        let headers = encoded.headers.iter().fold(
+            OwnedHeaders::new_with_capacity(encoded.headers.len()),
+            |h, (name, value)| {
+                h.insert(Header {
+                    key: name,
+                    value: Some(value),
+                })
+            },
+        );
+        let record: FutureRecord<'_, str, [u8]> = FutureRecord {
+            topic: &topic,
+            partition: None,
+            payload: encoded.value.as_deref(),
+            key: Some(key.as_str()),
+            timestamp: None,
+            headers: Some(headers),
+        };
+        let producer = self.current();
+        let err = match producer.send_result(record) {
+            Ok(report) => match report.await {
+                Ok(Ok(_delivery)) => {
+                    return Ok(Delivered {
+                        duplicate: false,
+                        destination: topic,
+                    })
+                }
+                Ok(Err((e, _record))) => e,
+                Err(_canceled) => KafkaError::Canceled,
+            },
+            Err((e, _record)) => e,
+        };
+        Err(self.sort(&producer, err, &topic, size))
+    }
+
+    fn current(&self) -> Arc<Producer> {
+        // A poisoned lock only means another task panicked while swapping the Arc;
+        // the Arc inside is still a whole producer.
+        match self.producer.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn sort(&self, used: &Arc<Producer>, err: KafkaError, topic: &str, size: usize) -> SinkError {
+        match classify(&err) {
+            Class::Retry(reason) => SinkError::Retryable {
+                sink: SINK,
+                reason,
+                detail: format!("topic {topic}: {err}"),
+            },
+            Class::Reject(reason @ "too_large") => SinkError::Rejected {
+                sink: SINK,
+                reason,
+                detail: format!(
+                    "topic {topic}: {err}: a {size}-byte value (plus headers) exceeds the producer's \
+                     message.max.bytes or the topic's max.message.bytes"
+                ),
+            },
+            Class::Reject(reason) => SinkError::Rejected {
+                sink: SINK,
+                reason,
+                detail: format!("topic {topic}: {err}"),
+            },
+            Class::Fatal(hint) => SinkError::Fatal {
+                sink: SINK,
+                detail: format!("topic {topic}: {err}: {hint}"),
+            },
+            Class::ResetProducer => {
+                let why = used
+                    .client()
+                    .fatal_error()
+                    .map(|(code, text)| format!("{code:?}: {text}"))
+                    .unwrap_or_else(|| err.to_string());
+                self.reset(used, &why);
+                SinkError::Retryable {
+                    sink: SINK,
+                    reason: "producer_fatal",
+                    detail: format!("topic {topic}: fatal producer error, producer replaced: {why}"),
+                }
+            }
+        }
+    }
+
+    /// Replaces `broken` unless another task already did.
+    fn reset(&self, broken: &Arc<Producer>, why: &str) {
+        let mut current = match self.producer.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if !Arc::ptr_eq(&current, broken) {
+            return;
+        }
+        match client::create::<Producer>(&self.settings, &self.kafka) {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut *current, Arc::new(fresh));
+                drop(current);
+                tracing::warn!(error = %why, "kafka producer failed fatally; replaced it (records in flight may be written twice)");
+                // librdkafka joins its threads on destroy: not on an async worker.
+                tokio::task::spawn_blocking(move || drop(old));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot replace the failed kafka producer; trying again on the next failure");
+            }
+        }
+    }
+}
