@@ -10,6 +10,7 @@
 
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod kafka;
 
 use std::net::TcpListener;

@@ -1,0 +1,228 @@
+//! Helpers of the fault-injection tests: a writer that survives lost connections,
+//! commit markers, and readers of the relay's output.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{insert_event, wait_for, Postgres, Relay, SplitMix64};
+
+/// The slot every fault test uses (the config's default).
+pub const SLOT: &str = "outboxd";
+
+/// A writer committing transactions of `1..=max_rows` rows, each row of a random one
+/// of `aggregates`, until [`Writer::finish`]. It survives lost connections: after
+/// an error it reconnects and asks the table whether the transaction committed (a
+/// COMMIT whose answer was lost may have), and it never reuses an `n`, so `n` order
+/// stays commit order.
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    committed: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<HashSet<String>>,
+}
+
+impl Writer {
+    pub fn spawn(url: String, aggregates: u64, max_rows: u64, pace: Duration, seed: u64) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let committed = Arc::new(AtomicUsize::new(0));
+        let (stop2, committed2) = (stop.clone(), committed.clone());
+        let task = tokio::spawn(async move {
+            let mut rng = SplitMix64::new(seed);
+            let mut db = connect_retrying(&url).await;
+            let mut ids = HashSet::new();
+            let mut n = 0i64;
+            let mut tick = tokio::time::interval(pace);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !stop2.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let rows: Vec<(String, i64)> = (0..rng.range(1, max_rows))
+                    .map(|_| {
+                        n += 1;
+                        (format!("agg-{}", rng.range(0, aggregates - 1)), n)
+                    })
+                    .collect();
+                let written = match write_txn(&mut db, &rows).await {
+                    Ok(written) => written,
+                    Err(_) => {
+                        let (d, found) = resolve(&url, &rows).await;
+                        db = d;
+                        found
+                    }
+                };
+                committed2.fetch_add(written.len(), Ordering::Relaxed);
+                ids.extend(written);
+            }
+            ids
+        });
+        Self {
+            stop,
+            committed,
+            task,
+        }
+    }
+
+    /// Rows known to be committed so far.
+    pub fn committed(&self) -> usize {
+        self.committed.load(Ordering::Relaxed)
+    }
+
+    /// Stops after the current transaction; the ids of every committed row.
+    pub async fn finish(self) -> HashSet<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("writer")
+    }
+}
+
+pub async fn write_txn(
+    db: &mut tokio_postgres::Client,
+    rows: &[(String, i64)],
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let tx = db.transaction().await?;
+    let mut ids = Vec::with_capacity(rows.len());
+    for (aggregate, n) in rows {
+        ids.push(insert_event(&tx, aggregate, *n).await?);
+    }
+    tx.commit().await?;
+    Ok(ids)
+}
+
+/// After a failed transaction: reconnects and returns the rows of it that committed
+/// (all or none: it is one transaction).
+pub async fn resolve(url: &str, rows: &[(String, i64)]) -> (tokio_postgres::Client, Vec<String>) {
+    let (lo, hi) = (rows[0].1, rows[rows.len() - 1].1);
+    loop {
+        let db = connect_retrying(url).await;
+        let found = db
+            .query(
+                "SELECT id::text FROM outbox WHERE (payload->>'n')::bigint BETWEEN $1 AND $2",
+                &[&lo, &hi],
+            )
+            .await;
+        if let Ok(found) = found {
+            let ids: Vec<String> = found.iter().map(|r| r.get(0)).collect();
+            assert!(
+                ids.is_empty() || ids.len() == rows.len(),
+                "a transaction committed in part: {} of {} rows",
+                ids.len(),
+                rows.len()
+            );
+            return (db, ids);
+        }
+    }
+}
+
+pub async fn connect_retrying(url: &str) -> tokio_postgres::Client {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
+            Ok((client, conn)) => {
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+                return client;
+            }
+            Err(e) => {
+                assert!(Instant::now() < deadline, "writer cannot reconnect: {e}");
+                // Postgres is restarting: try again shortly.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// `pg_terminate_backend` on the walsender of our slot.
+pub async fn terminate_walsender(admin: &tokio_postgres::Client) {
+    let killed: Option<bool> = admin
+        .query_one(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+             WHERE slot_name = $1",
+            &[&SLOT],
+        )
+        .await
+        .expect("terminate")
+        .get(0);
+    assert_eq!(killed, Some(true), "no walsender to terminate");
+}
+
+/// The server's WAL insert position, inside `db`'s transaction.
+pub async fn insert_lsn(db: &impl tokio_postgres::GenericClient) -> u64 {
+    db.query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint", &[])
+        .await
+        .expect("lsn")
+        .get::<_, i64>(0) as u64
+}
+
+/// Commits one marker row (aggregate `marker`) after everything else; returns its id
+/// and the WAL position before its transaction. Once the slot is confirmed past that
+/// position, every earlier transaction was acknowledged by the broker.
+pub async fn commit_marker(pg: &Postgres) -> (String, u64) {
+    let mut db = pg.client().await;
+    let tx = db.transaction().await.expect("begin");
+    let before = insert_lsn(&tx).await;
+    let id = insert_event(&tx, "marker", 0).await.expect("marker");
+    tx.commit().await.expect("commit");
+    (id, before)
+}
+
+pub async fn wait_confirmed_past(pg: &Postgres, lsn: u64, timeout: Duration) {
+    assert!(
+        wait_for(timeout, || async {
+            pg.confirmed_lsn(SLOT).await.unwrap_or(0) > lsn
+        })
+        .await,
+        "the slot was not confirmed past {lsn} within {timeout:?} (confirmed: {:?})",
+        pg.confirmed_lsn(SLOT).await
+    );
+}
+
+/// Event ids printed by the stdout sink, in output order.
+pub fn stdout_ids(relay: &Relay) -> Vec<String> {
+    relay
+        .stdout()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+pub fn assert_no_panic(stderr: &str) {
+    for sign in ["panicked", "stack backtrace", "RUST_BACKTRACE"] {
+        assert!(!stderr.contains(sign), "{sign:?} in stderr:\n{stderr}");
+    }
+}
+
+/// The last non-empty line: `outboxd: <error>` when the relay stopped on an error.
+pub fn last_line(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+}
+
+/// Lines of `stderr` containing `needle`, escape codes removed.
+pub fn relay_log_lines(stderr: &str, needle: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(|l| {
+            let mut out = String::new();
+            let mut in_escape = false;
+            for c in l.chars() {
+                match (in_escape, c) {
+                    (false, '\u{1b}') => in_escape = true,
+                    (true, 'm') => in_escape = false,
+                    (false, c) => out.push(c),
+                    _ => {}
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+pub fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
