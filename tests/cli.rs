@@ -205,6 +205,8 @@ fn every_shipped_config_file_loads() {
             .env_remove("OUTBOXD_CONFIG")
             // The compose files read the URL from a container path; point it here.
             .env("OUTBOXD_POSTGRES__URL_FILE", "deploy/compose/postgres-url")
+            // (any readable file will do for a URL that is only parsed, not dialled)
+            .env("OUTBOXD_NATS__URL_FILE", "deploy/compose/postgres-url")
             .output()
             .expect("run");
         // Then it validates (setup only prints SQL, it connects nowhere)
