@@ -247,13 +247,7 @@ fn envelope(
     pos: &Position,
 ) -> Result<Envelope, crate::event::EventError> {
     let event = to_cloudevent(&row, pos, &cfg.cloudevents)?;
-    Ok(Envelope {
-        event,
-        aggregate_type: row.aggregate_type,
-        aggregate_id: row.aggregate_id,
-        event_type: row.event_type,
-        dead_letter: false,
-    })
+    Ok(Envelope::of_row(event, row))
 }
 
 /// Publishes with the relay's retry policy for transient errors (bounded: a replay is

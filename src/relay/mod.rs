@@ -386,13 +386,7 @@ fn envelope(
         reason: e.to_string(),
         row: row.raw(),
     })?;
-    Ok(Envelope {
-        event,
-        aggregate_type: row.aggregate_type,
-        aggregate_id: row.aggregate_id,
-        event_type: row.event_type,
-        dead_letter: false,
-    })
+    Ok(Envelope::of_row(event, row))
 }
 
 /// Handles one publish outcome: ack and release the key, retry, or stop.

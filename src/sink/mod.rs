@@ -82,6 +82,17 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// The envelope of `row`'s event (not a dead letter).
+    pub fn of_row(event: Event, row: crate::outbox::OutboxRow) -> Self {
+        Self {
+            event,
+            aggregate_type: row.aggregate_type,
+            aggregate_id: row.aggregate_id,
+            event_type: row.event_type,
+            dead_letter: false,
+        }
+    }
+
     /// The template fields of this envelope.
     pub fn fields(&self) -> crate::route::Fields<'_> {
         crate::route::Fields {
