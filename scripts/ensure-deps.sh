@@ -2,7 +2,8 @@
 # Installs what the test suite and the demo need and a fresh Debian machine may lack:
 # PostgreSQL server binaries (initdb, pg_ctl, pg_recvlogical), nats-server, the
 # C/C++ toolchain pieces the crates build with (rdkafka builds librdkafka from
-# source: gcc, g++, make, pkg-config, perl, python3, zlib and OpenSSL headers), and
+# source: gcc, g++, make, pkg-config, perl, python3, zlib and OpenSSL headers), the
+# openssl CLI (the Postgres TLS tests make their certificates with it), and
 # tansu, the Kafka-protocol broker the Kafka tests start. Idempotent; quiet when all
 # is present.
 set -euo pipefail
@@ -21,6 +22,7 @@ command -v perl >/dev/null 2>&1 || need+=(perl)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 [ -f /usr/include/zlib.h ] || need+=(zlib1g-dev)
 [ -f /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)       # test certificates (security_postgres.rs, support/secure.rs)
 command -v runuser >/dev/null 2>&1 || need+=(util-linux)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)   # promtool checks /metrics output
 if [ -z "${OUTBOXD_TEST_TANSU:-}" ] && ! python3 -m pip --version >/dev/null 2>&1; then

@@ -14,7 +14,7 @@ use crate::config::{split_table, Config, SinkKind};
 use crate::route::{Field, Fields, Sanitize, Template};
 use crate::sink::kafka::client::{self as kafka_client, ClusterView};
 use crate::sink::Sink;
-use crate::source::control::Control;
+use crate::source::control::{Control, Privileges};
 
 /// How long the broker checks wait for an answer.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,6 +57,17 @@ pub async fn run(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
             return out;
         }
     };
+    match crate::source::control::pg_config(cfg) {
+        Ok((_, tls)) => match control.tls_version().await {
+            Ok(version) => out.push(check(
+                "postgres tls",
+                true,
+                tls.describe(version.as_deref()),
+            )),
+            Err(e) => out.push(check("postgres tls", false, e.to_string())),
+        },
+        Err(e) => out.push(check("postgres tls", false, e.to_string())),
+    }
     match control.wal_level().await {
         Ok(l) if l == "logical" => out.push(check("wal_level", true, "logical")),
         Ok(l) => out.push(check(
@@ -66,14 +77,15 @@ pub async fn run(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
         )),
         Err(e) => out.push(check("wal_level", false, e.to_string())),
     }
-    match control.has_replication().await {
-        Ok(true) => out.push(check("replication privilege", true, "role may replicate")),
-        Ok(false) => out.push(check(
-            "replication privilege",
-            false,
-            "role lacks REPLICATION: ALTER ROLE <role> REPLICATION (as a superuser)",
-        )),
-        Err(e) => out.push(check("replication privilege", false, e.to_string())),
+    let privileges = match control.privileges(cfg).await {
+        Ok(p) => Some(p),
+        Err(e) => {
+            out.push(check("privileges", false, e.to_string()));
+            None
+        }
+    };
+    if let Some(pr) = &privileges {
+        out.extend(privilege_checks(cfg, pr));
     }
     let p = &cfg.postgres;
     match control.table_columns(&p.table).await {
@@ -108,6 +120,9 @@ pub async fn run(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
         }
         Err(e) => out.push(check("outbox table", false, e.to_string())),
     }
+    if cfg.retention.enabled {
+        out.push(retention_check(&control, cfg).await);
+    }
     match control.publication(cfg).await {
         Ok(Some(true)) => out.push(check(
             "publication",
@@ -120,6 +135,20 @@ pub async fn run(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
             format!(
                 "{} does not include {}: ALTER PUBLICATION {} ADD TABLE {}",
                 p.publication, p.table, p.publication, p.table
+            ),
+        )),
+        Ok(None) if p.create_publication && privileges.as_ref().is_some_and(|pr| pr.can_publish == Some(false)) => out.push(check(
+            "publication",
+            false,
+            format!(
+                "{} does not exist, and role {} may not create it (it does not own {} or lacks \
+                 CREATE on the database): the table owner must run CREATE PUBLICATION {} FOR TABLE {} \
+                 WITH (publish = 'insert'); (part 1 of `outboxd setup`)",
+                p.publication,
+                privileges.as_ref().map_or("", |pr| pr.role.as_str()),
+                p.table,
+                p.publication,
+                p.table
             ),
         )),
         Ok(None) if p.create_publication => out.push(check(
@@ -190,6 +219,55 @@ pub async fn run(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
     out
 }
 
+/// REPLICATION (needed), SELECT on the table (for `replay`), EXECUTE on
+/// `pg_logical_emit_message` (when heartbeats are on): each with the statement that
+/// grants it.
+fn privilege_checks(cfg: &Config, pr: &Privileges) -> Vec<Check> {
+    let mut out = vec![match pr.missing_replication() {
+        None if pr.superuser => check(
+            "replication privilege",
+            true,
+            format!(
+                "role {} is a superuser (a REPLICATION role suffices: see `outboxd setup`)",
+                pr.role
+            ),
+        ),
+        None => check(
+            "replication privilege",
+            true,
+            format!("role {} has REPLICATION", pr.role),
+        ),
+        Some(fix) => check("replication privilege", false, fix),
+    }];
+    match (pr.select, pr.missing_select(&cfg.postgres.table)) {
+        (None, _) => {} // the table check reports a missing table
+        (Some(_), Some(fix)) => out.push(check("table privilege", false, fix)),
+        (Some(_), None) => out.push(check(
+            "table privilege",
+            true,
+            format!(
+                "role {} may SELECT from {} (outboxd replay)",
+                pr.role, cfg.postgres.table
+            ),
+        )),
+    }
+    if cfg.postgres.heartbeat_interval_secs > 0 {
+        out.push(match pr.missing_emit_message() {
+            Some(fix) => check(
+                "heartbeat privilege",
+                false,
+                format!("{fix} (or set postgres.heartbeat_interval_secs = 0)"),
+            ),
+            None => check(
+                "heartbeat privilege",
+                true,
+                format!("role {} may call pg_logical_emit_message", pr.role),
+            ),
+        });
+    }
+    out
+}
+
 async fn sink_check(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
     let name = match cfg.sink.kind {
         SinkKind::Stdout => return vec![check("sink", true, "stdout needs no broker")],
@@ -199,7 +277,14 @@ async fn sink_check(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
     let label = format!("{name} broker");
     vec![
         match tokio::time::timeout(BROKER_TIMEOUT, Sink::connect(cfg)).await {
-            Ok(Ok(_)) => check(&label, true, "reachable; stream/topic ready"),
+            Ok(Ok(_)) => check(
+                &label,
+                true,
+                format!(
+                    "{} reachable; stream ready",
+                    crate::config::redact_url(cfg.nats.url.expose())
+                ),
+            ),
             Ok(Err(e)) => check(
                 &label,
                 false,
@@ -332,27 +417,98 @@ pub fn render(checks: &[Check]) -> String {
     s
 }
 
-/// The SQL `outboxd setup` prints: table, publication, slot.
+/// The SQL `outboxd setup` prints, in two parts: what the table owner (or an
+/// administrator) runs once (table, publication, the relay's role and its grants),
+/// and what the relay role itself does (the slot).
 pub fn setup_sql(cfg: &Config) -> String {
     use crate::source::control::{create_publication_sql, create_slot_sql, create_table_sql};
-    let (schema, _) = split_table(&cfg.postgres.table);
+    let p = &cfg.postgres;
+    let (schema, _) = split_table(&p.table);
+    let role = relay_role(cfg);
+    let heartbeat = if p.heartbeat_interval_secs > 0 {
+        format!(
+            "GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO {role}; \
+             -- heartbeats (PUBLIC has it unless revoked)\n"
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "-- outboxd setup for {table}\n\
-         -- 1. As the table owner: the outbox table and its publication.\n\
+        "-- outboxd setup for {table}, relay role {role}\n\
+         --\n\
+         -- PART 1. As the table owner (or an administrator), once.\n\
+         -- The outbox table and its publication (only the owner may publish a table):\n\
          CREATE SCHEMA IF NOT EXISTS {schema};\n\
          {}\n\
          {}\n\
-         -- 2. The replication slot (outboxd also creates it on first start).\n\
-         {}\n\
-         -- 3. Optional: the table-less outbox. Inside a transaction, call\n\
+         -- The relay's role: LOGIN and REPLICATION, not a superuser, not the table owner.\n\
+         -- Set its password with `\\password {role}` (password_encryption = scram-sha-256)\n\
+         -- and allow it in pg_hba.conf over TLS only; its logical replication connection\n\
+         -- matches the database's line, not `replication` lines:\n\
+         --   hostssl <database> {role} <client net> scram-sha-256\n\
+         DO $role$ BEGIN CREATE ROLE {role} LOGIN REPLICATION;\n\
+         EXCEPTION WHEN duplicate_object THEN ALTER ROLE {role} LOGIN REPLICATION; END $role$;\n\
+         GRANT USAGE ON SCHEMA {schema} TO {role};\n\
+         GRANT SELECT ON {table} TO {role}; -- outboxd replay reads the table\n\
+         {heartbeat}\
+         -- Optional, the table-less outbox. Inside a transaction, call\n\
          --    SELECT {schema}.outbox_emit('Order', 'o-1', 'OrderPlaced', '{{\"total\": 3}}');\n\
+         {}\n\
+         --\n\
+         -- PART 2. As the relay role {role} (REPLICATION suffices); `outboxd run` also\n\
+         -- does this on first start (postgres.create_slot = true). With the publication\n\
+         -- made by the owner, set postgres.create_publication = false.\n\
          {}\n",
         create_table_sql(cfg),
         create_publication_sql(cfg),
+        crate::source::message::emit_function_sql(schema, &p.message_prefix),
         create_slot_sql(cfg),
-        crate::source::message::emit_function_sql(schema, &cfg.postgres.message_prefix),
-        table = cfg.postgres.table,
+        table = p.table,
     )
+}
+
+/// `[retention]` needs DELETE on the table and the created_at column.
+async fn retention_check(control: &Control, cfg: &Config) -> Check {
+    let (table, created_at) = (&cfg.postgres.table, &cfg.postgres.columns.created_at);
+    match control.table_columns(table).await {
+        Ok(Some(cols)) if !cols.iter().any(|(n, _)| n == created_at) => {
+            return check(
+                "retention",
+                false,
+                format!("{table} has no column {created_at} (postgres.columns.created_at): retention needs it"),
+            )
+        }
+        Ok(_) => {}
+        Err(e) => return check("retention", false, e.to_string()),
+    }
+    match control.may_delete(table).await {
+        Ok(true) => check("retention", true, format!("role may delete from {table}")),
+        Ok(false) => check(
+            "retention",
+            false,
+            format!("role may not delete from {table}: GRANT DELETE ON {table} TO <role> (or set retention.enabled = false)"),
+        ),
+        Err(e) => check("retention", false, e.to_string()),
+    }
+}
+
+/// The role `setup` grants to: the user of `postgres.url`, unless that is the
+/// bootstrap superuser or missing (then `outboxd`), quoted where SQL needs it.
+fn relay_role(cfg: &Config) -> String {
+    let user = crate::source::control::pg_config(cfg)
+        .ok()
+        .and_then(|(pg, _)| pg.get_user().map(str::to_string))
+        .filter(|u| u != "postgres")
+        .unwrap_or_else(|| "outboxd".to_string());
+    let plain = user
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !user.starts_with(|c: char| c.is_ascii_digit());
+    if plain {
+        user
+    } else {
+        format!("\"{}\"", user.replace('"', "\"\""))
+    }
 }
 
 #[cfg(test)]

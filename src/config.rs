@@ -15,6 +15,10 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+mod security;
+pub(crate) use security::NatsAuth;
+pub use security::{redact_url, redact_userinfo};
+
 /// Default replication slot name.
 pub const DEFAULT_SLOT: &str = "outboxd";
 /// Default publication name.
@@ -118,6 +122,55 @@ pub struct Config {
     pub http: HttpConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Deleting acknowledged outbox rows.
+    pub retention: RetentionConfig,
+}
+
+/// `[retention]`: the streaming instance deletes outbox rows that are older than
+/// `older_than_secs` and acknowledged by the broker (README, "Retention").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Delete acknowledged rows at all. Default false.
+    pub enabled: bool,
+    /// Only rows whose `created_at` is older than this, in seconds. Default 86400 (1 day).
+    pub older_than_secs: u64,
+    /// Rows per `DELETE` statement (one short transaction each). Default 1000.
+    pub batch_size: u32,
+    /// Seconds between cleanup rounds. Default 60.
+    pub interval_secs: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            older_than_secs: 86_400,
+            batch_size: 1000,
+            interval_secs: 60,
+        }
+    }
+}
+
+impl RetentionConfig {
+    fn validate(&self, columns: &ColumnMapping) -> Result<(), ConfigError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        if columns.created_at.is_empty() {
+            return Err(invalid(
+                "retention.enabled",
+                "needs a created_at column (postgres.columns.created_at) to tell a row's age",
+            ));
+        }
+        if self.batch_size == 0 {
+            return Err(invalid("retention.batch_size", "must be > 0"));
+        }
+        if self.interval_secs == 0 {
+            return Err(invalid("retention.interval_secs", "must be > 0"));
+        }
+        Ok(())
+    }
 }
 
 /// `[postgres]`
@@ -162,8 +215,14 @@ pub struct PostgresConfig {
     /// While another instance streams from the slot, try to take over about this
     /// often (jittered ±50 %), in ms. Bounds takeover time. Default 1000.
     pub standby_poll_ms: u64,
+    /// When `outboxd run` creates the slot, first publish the rows already in the
+    /// outbox table, consistently with the stream (README, "Initial snapshot").
+    /// Default false.
+    pub initial_snapshot: bool,
     /// Column names of the outbox table.
     pub columns: ColumnMapping,
+    /// TLS to Postgres (both connections).
+    pub tls: PostgresTlsConfig,
 }
 
 impl Default for PostgresConfig {
@@ -184,9 +243,46 @@ impl Default for PostgresConfig {
             allow_new_slot: false,
             failover_slot: false,
             standby_poll_ms: 1000,
+            initial_snapshot: false,
             columns: ColumnMapping::default(),
+            tls: PostgresTlsConfig::default(),
         }
     }
+}
+
+/// `[postgres.tls]`: TLS for both Postgres connections (replication and SQL), with
+/// libpq's semantics. Every key is optional; a key that is set wins over the libpq
+/// parameter of the same meaning in `postgres.url` (`sslmode`, `sslrootcert`,
+/// `sslcert`, `sslkey`), which wins over the default. Checked at start-up by
+/// [`crate::source::tls::resolve`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresTlsConfig {
+    /// libpq's `sslmode`. Default: the URL's `sslmode`, else `prefer`.
+    pub mode: Option<SslModeSetting>,
+    /// PEM file of the CA(s) that sign the server certificate (`sslrootcert`).
+    /// Default: none, i.e. the bundled Mozilla roots for `verify-ca`/`verify-full`.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for certificate authentication (`sslcert`). Default none.
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key of `client_cert_file` (`sslkey`). Default none.
+    pub client_key_file: Option<PathBuf>,
+}
+
+/// libpq's `sslmode` values (`allow` is not offered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslModeSetting {
+    /// Never TLS.
+    Disable,
+    /// TLS when the server offers it, unverified; else plain.
+    Prefer,
+    /// TLS or fail; the certificate is not verified (unless a CA file is given, as in libpq).
+    Require,
+    /// TLS, the certificate chain verified against the CA.
+    VerifyCa,
+    /// TLS, chain verified and the host name (or IP) matched against the certificate.
+    VerifyFull,
 }
 
 /// `[postgres.columns]`: the outbox table's column names. An empty string for an
@@ -338,6 +434,33 @@ pub struct NatsConfig {
     pub content_mode: ContentMode,
     /// Time to wait for a PubAck, in ms. Default 5000.
     pub ack_timeout_ms: u64,
+    // TLS and credentials; resolved and validated in `config/security.rs`.
+    /// Refuse a connection without TLS (a `tls://` URL, or a CA or client certificate
+    /// below, implies it). Default false.
+    pub require_tls: bool,
+    /// PEM file of the CA(s) that verify the server's certificate; default: the
+    /// system's roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS; needs `tls_key_file`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// User name; needs `password` or `password_file`. Default none.
+    pub user: String,
+    /// Password of `user`. Secret.
+    pub password: Secret,
+    /// File holding the password; overrides `password`.
+    pub password_file: Option<PathBuf>,
+    /// Authentication token. Secret.
+    pub token: Secret,
+    /// File holding the token; overrides `token`.
+    pub token_file: Option<PathBuf>,
+    /// `.creds` file: user JWT plus NKey seed (decentralized auth).
+    pub creds_file: Option<PathBuf>,
+    /// NKey user seed (`SU…`). Secret.
+    pub nkey_seed: Secret,
+    /// File holding the NKey seed; overrides `nkey_seed`.
+    pub nkey_seed_file: Option<PathBuf>,
 }
 
 impl Default for NatsConfig {
@@ -352,6 +475,18 @@ impl Default for NatsConfig {
             dead_letter_subject: "outbox.deadletter".into(),
             content_mode: ContentMode::Binary,
             ack_timeout_ms: 5000,
+            require_tls: false,
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            user: String::new(),
+            password: Secret::default(),
+            password_file: None,
+            token: Secret::default(),
+            token_file: None,
+            creds_file: None,
+            nkey_seed: Secret::default(),
+            nkey_seed_file: None,
         }
     }
 }
@@ -420,14 +555,32 @@ impl Default for RetryConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Listen address of `/metrics`, `/healthz`, `/readyz`, `/status`. Default `0.0.0.0:9187`.
+    /// Listen address of `/metrics`, `/healthz`, `/readyz`, `/status`; `127.0.0.1:9187`
+    /// serves this host only. Default `0.0.0.0:9187`.
     pub listen: String,
+    // Optional auth of `/metrics` and `/status` (`/healthz`, `/readyz` stay open);
+    // resolved and validated in `config/security.rs`.
+    /// Accept `Authorization: Bearer <token>`. Secret. Default none.
+    pub bearer_token: Secret,
+    /// File holding the bearer token; overrides `bearer_token`.
+    pub bearer_token_file: Option<PathBuf>,
+    /// Accept HTTP basic auth as this user; needs a password. Default none.
+    pub basic_auth_user: String,
+    /// Basic auth password. Secret.
+    pub basic_auth_password: Secret,
+    /// File holding the basic auth password; overrides `basic_auth_password`.
+    pub basic_auth_password_file: Option<PathBuf>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: DEFAULT_HTTP_LISTEN.into(),
+            bearer_token: Secret::default(),
+            bearer_token_file: None,
+            basic_auth_user: String::new(),
+            basic_auth_password: Secret::default(),
+            basic_auth_password_file: None,
         }
     }
 }
@@ -493,6 +646,7 @@ impl Config {
             let value = Secret::new(read_secret(&key, p)?);
             self.kafka.properties.insert(name.clone(), value);
         }
+        self.resolve_security_files()?;
         Ok(())
     }
 
@@ -512,13 +666,10 @@ impl Config {
                 "missing: set postgres.url, postgres.url_file or OUTBOXD_POSTGRES__URL",
             ));
         }
-        if let Err(e) = pg.url.expose().parse::<tokio_postgres::Config>() {
-            // The parser's message never contains the URL itself.
-            return Err(invalid(
-                "postgres.url",
-                format!("not a valid connection URL: {e}"),
-            ));
-        }
+        // Parses the URL (without the TLS parameters tokio-postgres does not know).
+        crate::source::tls::resolve(pg).map_err(|e| match e {
+            crate::source::tls::TlsError::Invalid { key, reason } => invalid(&key, reason),
+        })?;
         identifier("postgres.slot", &pg.slot)?;
         identifier("postgres.publication", &pg.publication)?;
         let (schema, table) = split_table(&pg.table);
@@ -591,8 +742,10 @@ impl Config {
                 "must be host:port, e.g. 0.0.0.0:9187",
             ));
         }
+        self.http.validate_auth()?;
         match self.sink.kind {
             SinkKind::Nats => {
+                self.nats.validate_security()?;
                 crate::route::Template::parse(&self.nats.subject)
                     .map_err(|e| invalid("nats.subject", e.to_string()))?;
                 if self.nats.url.is_empty() {
@@ -619,6 +772,7 @@ impl Config {
             }
             SinkKind::Stdout => {}
         }
+        self.retention.validate(&pg.columns)?;
         Ok(())
     }
 
@@ -691,7 +845,11 @@ fn describe(err: figment::Error) -> String {
 
 fn redact_kind(kind: &figment::error::Kind, key: &str) -> String {
     use figment::error::Kind;
-    let secret = key.ends_with("url") || key.contains("properties") || key.contains("password");
+    let secret = key.ends_with("url")
+        || key.contains("properties")
+        || key.contains("password")
+        || key.contains("token")
+        || key.contains("seed");
     match kind {
         Kind::InvalidType(_, expected) if secret => format!("invalid type, expected {expected}"),
         Kind::InvalidValue(_, expected) if secret => format!("invalid value, expected {expected}"),
@@ -821,6 +979,33 @@ mod tests {
             .expect_err("zero timeout");
             assert!(
                 err.to_string().starts_with("kafka.message_timeout_ms:"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn retention_is_off_by_default_and_validated_when_on() {
+        Jail::expect_with(|jail| {
+            let cfg = load_in(jail, "[postgres]\nurl = \"postgres://h/db\"\n").expect("ok");
+            assert!(!cfg.retention.enabled);
+            assert!(!cfg.postgres.initial_snapshot);
+            assert_eq!(cfg.retention.older_than_secs, 86_400);
+            let err = load_in(
+                jail,
+                "[postgres]\nurl = \"postgres://h/db\"\n[postgres.columns]\ncreated_at = \"\"\n\
+                 [retention]\nenabled = true\n",
+            )
+            .expect_err("no created_at");
+            assert!(err.to_string().starts_with("retention.enabled:"), "{err}");
+            let err = load_in(
+                jail,
+                "[postgres]\nurl = \"postgres://h/db\"\n[retention]\nenabled = true\nbatch_size = 0\n",
+            )
+            .expect_err("zero batch");
+            assert!(
+                err.to_string().starts_with("retention.batch_size:"),
                 "{err}"
             );
             Ok(())

@@ -69,7 +69,7 @@ pub fn for_rejected(
     let data = serde_json::json!({
         "reason": code,
         "error": reason,
-        "event": original,
+        "event": serde_json::to_value(crate::sink::Structured(&original)).unwrap_or_default(),
         "data_size": data_size,
     });
     let mut dl = build(env.event.id(), Some(&env.aggregate_id), code, data, cfg);

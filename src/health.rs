@@ -10,7 +10,7 @@
 //!   its outcome. A native sidecar's readiness gates the whole pod, so neither a
 //!   standby role nor a slow broker may take the application out of its Service.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -78,6 +78,8 @@ pub struct Health {
     last_tick_ms: AtomicU64,
     confirmed_lsn: AtomicU64,
     lag_seconds_bits: AtomicU64,
+    /// Commit time (Unix µs) of the newest confirmed transaction; 0 = none yet.
+    acked_commit_micros: AtomicI64,
     ready: AtomicBool,
 }
 
@@ -103,12 +105,26 @@ impl Health {
             last_tick_ms: AtomicU64::new(now_ms()),
             confirmed_lsn: AtomicU64::new(0),
             lag_seconds_bits: AtomicU64::new(0),
+            acked_commit_micros: AtomicI64::new(0),
             ready: AtomicBool::new(false),
         }
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Everything committed up to `micros` (Unix µs, the commit time of a confirmed
+    /// transaction) is acknowledged; monotonic.
+    pub fn set_acked_commit(&self, micros: i64) {
+        self.acked_commit_micros
+            .fetch_max(micros, Ordering::Relaxed);
+    }
+
+    /// Commit time (Unix µs) of the newest transaction this process confirmed, if any:
+    /// the retention watermark.
+    pub fn acked_commit(&self) -> Option<i64> {
+        Some(self.acked_commit_micros.load(Ordering::Relaxed)).filter(|m| *m > 0)
     }
 
     /// The relay loop is alive.

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod relay;
 pub mod replay;
+pub mod retention;
 pub mod route;
 pub mod sink;
 pub mod source;

@@ -68,6 +68,12 @@ pub struct Metrics {
     pub confirmed_lsn_bytes: IntGauge,
     /// Heartbeat messages written.
     pub heartbeats: IntCounter,
+    /// Events of the initial snapshot acknowledged by the broker.
+    pub snapshot_events: IntCounter,
+    /// Outbox rows deleted by retention.
+    pub retention_deleted_rows: IntCounter,
+    /// Failed retention rounds (the relay goes on).
+    pub retention_errors: IntCounter,
 }
 
 impl Metrics {
@@ -185,6 +191,18 @@ impl Metrics {
             heartbeats: reg!(IntCounter::new(
                 "outboxd_heartbeats_total",
                 "Heartbeat messages written with pg_logical_emit_message."
+            )?),
+            snapshot_events: reg!(IntCounter::new(
+                "outboxd_snapshot_events_total",
+                "Events of the initial snapshot acknowledged by the broker."
+            )?),
+            retention_deleted_rows: reg!(IntCounter::new(
+                "outboxd_retention_deleted_rows_total",
+                "Acknowledged outbox rows deleted by retention."
+            )?),
+            retention_errors: reg!(IntCounter::new(
+                "outboxd_retention_errors_total",
+                "Retention rounds that failed (relaying goes on)."
             )?),
             registry,
         };

@@ -17,10 +17,11 @@ use std::io::{IsTerminal, Write};
 use chrono::{DateTime, Utc};
 
 use crate::config::{split_table, Config};
-use crate::event::{to_cloudevent, Position};
-use crate::outbox::{Layout, OutboxRow};
+use crate::deadletter::PoisonRow;
+use crate::event::Position;
+use crate::outbox::Layout;
 use crate::sink::{Envelope, Sink, SinkError};
-use crate::source::control::Control;
+use crate::source::control::{Control, Snapshot};
 use crate::source::pgoutput::{Relation, RelationColumn, Value};
 use crate::source::SourceError;
 
@@ -78,10 +79,34 @@ pub struct Summary {
     pub invalid: u64,
 }
 
-/// Runs a replay. With `dry_run`, counts and prints up to 20 of the events it would
-/// send, and sends nothing.
-pub async fn run(cfg: &Config, sel: &Selection, dry_run: bool) -> Result<Summary, ReplayError> {
-    let mut control = Control::connect(cfg).await?;
+/// The outbox table as replay and the initial snapshot read it: the stream's column
+/// mapping, the selection, and the order (`created_at` when mapped, then id).
+pub(crate) struct TableRead {
+    /// The stream's column mapping bound to the table's current columns.
+    pub(crate) layout: Layout,
+    /// `schema.table [WHERE ...]`, with `$n` placeholders for `params`.
+    from: String,
+    params: Vec<String>,
+    /// The whole `SELECT ... ORDER BY ...`.
+    select: String,
+}
+
+impl TableRead {
+    /// Counts the matching rows in `tx` and opens its cursor over them.
+    pub(crate) async fn open(&self, tx: &Snapshot<'_>) -> Result<i64, SourceError> {
+        let total = tx.count(&self.from, &self.params).await?;
+        tx.declare(&self.select, &self.params).await?;
+        Ok(total)
+    }
+}
+
+/// Plans the read of the rows `sel` selects (identifiers come from the validated
+/// config, selector values become parameters).
+pub(crate) async fn plan(
+    control: &Control,
+    cfg: &Config,
+    sel: &Selection,
+) -> Result<TableRead, ReplayError> {
     let (schema, table) = split_table(&cfg.postgres.table);
     let relation = control.relation(schema, table).await?;
     let layout = Layout::bind(&relation, &cfg.postgres.columns)?;
@@ -100,7 +125,6 @@ pub async fn run(cfg: &Config, sel: &Selection, dry_run: bool) -> Result<Summary
             cfg.postgres.table, c.created_at
         )));
     }
-    // Selectors become parameters; identifiers come from the validated config.
     let mut conds = Vec::new();
     let mut params: Vec<String> = Vec::new();
     let mut add = |cond: String, value: String| {
@@ -146,7 +170,45 @@ pub async fn run(cfg: &Config, sel: &Selection, dry_run: bool) -> Result<Summary
         format!(" WHERE {}", conds.join(" AND "))
     };
     let from = format!("{schema}.{table}{filter}");
+    let select = format!("SELECT {} FROM {from} ORDER BY {order}", columns.join(", "));
+    Ok(TableRead {
+        layout,
+        from,
+        params,
+        select,
+    })
+}
 
+/// One row read from the table as the stream would publish it: its envelope, or the
+/// poison row it is. `index` numbers the rows of the read (the `sequence` extension,
+/// after a commit LSN of 0, so they sort before every streamed event).
+pub(crate) fn table_envelope(
+    cfg: &Config,
+    layout: &Layout,
+    values: &[Value],
+    index: u32,
+) -> Result<Envelope, PoisonRow> {
+    let row = crate::source::row_or_poison(layout, values)?;
+    let pos = Position {
+        commit_lsn: 0,
+        commit_time: row.created_at.unwrap_or_else(Utc::now),
+        index,
+    };
+    crate::relay::envelope(cfg, Ok(row), &pos)
+}
+
+/// Runs a replay. With `dry_run`, counts and prints up to 20 of the events it would
+/// send, and sends nothing.
+pub async fn run(cfg: &Config, sel: &Selection, dry_run: bool) -> Result<Summary, ReplayError> {
+    let mut control = Control::connect(cfg).await?;
+    if let Some(fix) = control
+        .privileges(cfg)
+        .await?
+        .missing_select(&cfg.postgres.table)
+    {
+        return Err(SourceError::Setup(fix).into());
+    }
+    let read = plan(&control, cfg, sel).await?;
     let sink = if dry_run {
         None
     } else {
@@ -159,13 +221,8 @@ pub async fn run(cfg: &Config, sel: &Selection, dry_run: bool) -> Result<Summary
                 })?,
         )
     };
-    let tx = control.snapshot().await?;
-    let total: i64 = tx.count(&from, &params).await?;
-    tx.declare(
-        &format!("SELECT {} FROM {from} ORDER BY {order}", columns.join(", ")),
-        &params,
-    )
-    .await?;
+    let tx = control.snapshot(None).await?;
+    let total = read.open(&tx).await?;
 
     let mut summary = Summary {
         matched: total as u64,
@@ -179,28 +236,15 @@ pub async fn run(cfg: &Config, sel: &Selection, dry_run: bool) -> Result<Summary
             break;
         }
         for values in rows {
-            let row = match layout.row(&values) {
-                Ok(r) => r,
-                Err(e) => {
+            let env = match table_envelope(cfg, &read.layout, &values, index) {
+                Ok(env) => env,
+                Err(poison) => {
                     summary.invalid += 1;
-                    eprintln!("skipped: {e}");
+                    eprintln!("skipped: outbox row {}: {}", poison.id, poison.reason);
                     continue;
                 }
-            };
-            let pos = Position {
-                commit_lsn: 0,
-                commit_time: row.created_at.unwrap_or_else(Utc::now),
-                index,
             };
             index = index.wrapping_add(1);
-            let env = match envelope(cfg, row, &pos) {
-                Ok(env) => env,
-                Err(e) => {
-                    summary.invalid += 1;
-                    eprintln!("skipped: {e}");
-                    continue;
-                }
-            };
             match &sink {
                 None => {
                     if summary.published < 20 {
@@ -239,15 +283,6 @@ fn sql_type(col: &RelationColumn) -> &'static str {
         23 => "integer",
         _ => "text",
     }
-}
-
-fn envelope(
-    cfg: &Config,
-    row: OutboxRow,
-    pos: &Position,
-) -> Result<Envelope, crate::event::EventError> {
-    let event = to_cloudevent(&row, pos, &cfg.cloudevents)?;
-    Ok(Envelope::of_row(event, row))
 }
 
 /// Publishes with the relay's retry policy for transient errors (bounded: a replay is

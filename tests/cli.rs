@@ -198,6 +198,9 @@ fn every_shipped_config_file_loads() {
         }
     }
     assert!(files.len() >= 3, "{files:?}");
+    // A NATS URL is parsed as a server address, so it needs a NATS URL of its own.
+    let nats_url = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(nats_url.path(), "nats://127.0.0.1:4222\n").expect("write");
     for f in files {
         let o = Command::new(env!("CARGO_BIN_EXE_outboxd"))
             .args(["setup", "--config"])
@@ -205,8 +208,7 @@ fn every_shipped_config_file_loads() {
             .env_remove("OUTBOXD_CONFIG")
             // The compose files read the URL from a container path; point it here.
             .env("OUTBOXD_POSTGRES__URL_FILE", "deploy/compose/postgres-url")
-            // (any readable file will do for a URL that is only parsed, not dialled)
-            .env("OUTBOXD_NATS__URL_FILE", "deploy/compose/postgres-url")
+            .env("OUTBOXD_NATS__URL_FILE", nats_url.path())
             .output()
             .expect("run");
         // Then it validates (setup only prints SQL, it connects nowhere)

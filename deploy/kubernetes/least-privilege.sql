@@ -7,7 +7,10 @@
 --                   Cloud SQL   cloudsql.logical_decoding = on and ALTER ROLE outboxd REPLICATION as cloudsqlsuperuser.
 --
 -- pg_hba.conf must allow the role to connect to the database (a logical
--- replication connection is a normal "host <db> outboxd" line, not "replication").
+-- replication connection is a normal "host <db> outboxd" line, not "replication"),
+-- best over TLS with SCRAM only:  hostssl <db> outboxd <net> scram-sha-256
+-- (password_encryption = scram-sha-256 before the role gets its password), and
+-- outboxd with [postgres.tls] mode = "verify-full" (README, "Security: PostgreSQL").
 
 \set ON_ERROR_STOP on
 
@@ -16,11 +19,13 @@
 CREATE ROLE outboxd WITH LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE
     PASSWORD :'password';
 
--- 2. Read access to the outbox table only (the initial slot snapshot and the
---    publication checks read it; outboxd never writes).
+-- 2. Read access to the outbox table only (`outboxd replay` reads it; streaming
+--    does not need it; outboxd never writes), and heartbeats (PUBLIC has this
+--    unless it was revoked).
 GRANT CONNECT ON DATABASE :"DBNAME" TO outboxd;
 GRANT USAGE ON SCHEMA public TO outboxd;
 GRANT SELECT ON public.outbox TO outboxd;
+GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO outboxd;
 
 -- 3. The publication is created by the table owner (run this part as the
 --    owner, e.g. SET ROLE orders_owner;), so outboxd needs no ownership.

@@ -16,7 +16,8 @@ SECTIONS = {
     "postgres": {"url", "url_file", "password_file", "slot", "publication", "table",
                  "create_publication", "create_slot", "status_interval_ms",
                  "heartbeat_interval_secs", "monitor_interval_secs", "message_prefix",
-                 "allow_new_slot", "failover_slot", "standby_poll_ms", "columns"},
+                 "allow_new_slot", "failover_slot", "standby_poll_ms", "initial_snapshot",
+                 "columns"},
     "cloudevents": {"source", "type_prefix", "default_content_type"},
     "sink": {"kind", "max_in_flight", "on_invalid", "on_rejected", "shutdown_timeout_secs"},
     "nats": {"url", "url_file", "subject", "stream", "stream_subjects", "create_stream",
@@ -24,6 +25,7 @@ SECTIONS = {
     "kafka": {"brokers", "topic", "key", "dead_letter_topic", "content_mode",
               "message_timeout_ms", "properties", "properties_files"},
     "retry": {"initial_backoff_ms", "max_backoff_ms"},
+    "retention": {"enabled", "older_than_secs", "batch_size", "interval_secs"},
     "http": {"listen"},
     "log": {"format", "level"},
 }

@@ -18,6 +18,7 @@
 
 mod gate;
 pub mod progress;
+mod snapshot;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,10 +77,13 @@ struct Ctx<'a> {
     t: &'a Telemetry,
     /// `outboxd_publish_duration_seconds{sink}`, resolved once.
     publish_duration: prometheus::Histogram,
-    /// This process streamed from the slot before: a missing slot now is a lost one.
-    streamed_before: std::cell::Cell<bool>,
+    /// This process has relied on the slot (found or created it): a missing slot now is
+    /// a lost one.
+    slot_known: std::cell::Cell<bool>,
     /// The current session reached streaming (resets the reconnect backoff).
     session_streamed: std::cell::Cell<bool>,
+    /// Missing optional privileges were logged (once per process, not per retry).
+    privileges_told: std::cell::Cell<bool>,
 }
 
 type InFlight = FuturesUnordered<BoxFuture<'static, (Item, Result<Delivered, SinkError>)>>;
@@ -95,8 +99,18 @@ pub async fn run(
         telemetry.clone(),
         shutdown.child_token(),
     ));
+    let retention = cfg.retention.enabled.then(|| {
+        tokio::spawn(crate::retention::run(
+            cfg.clone(),
+            telemetry.clone(),
+            shutdown.child_token(),
+        ))
+    });
     let result = run_sessions(&cfg, &telemetry, &shutdown).await;
     monitor.abort();
+    if let Some(r) = retention {
+        r.abort();
+    }
     telemetry.metrics.set_streaming(false);
     result
 }
@@ -118,8 +132,9 @@ async fn run_sessions(
         sink: &sink,
         t,
         publish_duration,
-        streamed_before: std::cell::Cell::new(false),
+        slot_known: std::cell::Cell::new(false),
         session_streamed: std::cell::Cell::new(false),
+        privileges_told: std::cell::Cell::new(false),
     };
     let mut attempt = 0u32;
     loop {
@@ -225,7 +240,19 @@ where
         let wait = backoff::delay(&cfg.retry, attempt);
         attempt = attempt.saturating_add(1);
         t.metrics.reconnects.with_label_values(&[component]).inc();
-        tracing::warn!(error = %err, retry_in_ms = wait.as_millis() as u64, "cannot {what}; retrying");
+        match &err {
+            RelayError::Sink(e) if e.needs_operator() => {
+                // Wrong credentials or TLS: loud, counted, and still backed off.
+                t.metrics
+                    .publish_errors
+                    .with_label_values(&[e.sink(), e.reason()])
+                    .inc();
+                tracing::error!(error = %err, retry_in_ms = wait.as_millis() as u64, "cannot {what}; retrying");
+            }
+            _ => {
+                tracing::warn!(error = %err, retry_in_ms = wait.as_millis() as u64, "cannot {what}; retrying")
+            }
+        }
         if pause(wait, t, shutdown).await {
             return Ok(None);
         }
@@ -238,15 +265,42 @@ async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), Rela
     // Bounded: a half-open connection must turn into a retry, not a hang.
     let setup = async {
         let control = Control::connect(cfg).await?;
+        // Say which privilege is missing (and the statement that grants it) before
+        // the server's own, vaguer refusal further down.
+        let privileges = control.privileges(cfg).await?;
+        if let Some(fix) = privileges.missing_replication() {
+            return Err(SourceError::Setup(fix));
+        }
+        if !ctx.privileges_told.replace(true) {
+            if let Some(fix) = privileges.missing_select(&cfg.postgres.table) {
+                tracing::warn!("{fix} (streaming works without it; `outboxd replay` does not)");
+            }
+            if privileges.superuser {
+                tracing::info!(role = %privileges.role, "connected as a superuser; a REPLICATION role suffices (see `outboxd setup`)");
+            }
+        }
         control.ensure_publication(cfg).await?;
-        let slot = control.ensure_slot(cfg, ctx.streamed_before.get()).await?;
-        let stream = Stream::start(cfg, slot.confirmed_flush_lsn).await?;
-        Ok::<_, SourceError>((slot, stream))
+        let slot = control.usable_slot(cfg, ctx.slot_known.get()).await?;
+        Ok::<_, SourceError>((control, slot))
     };
-    let (slot, mut stream) = tokio::time::timeout(Duration::from_secs(60), setup)
-        .await
-        .map_err(|_| SourceError::Connection("set-up took longer than 60 s".into()))??;
-    ctx.streamed_before.set(true);
+    let (mut control, slot) = bounded(setup).await?;
+    let slot = match slot {
+        Some(slot) => slot,
+        // Not bounded: it publishes the whole table (and ticks the watchdog meanwhile).
+        None if cfg.postgres.initial_snapshot => {
+            match snapshot::take(ctx, &mut control, shutdown).await? {
+                Some(slot) => slot,
+                None => return Ok(()),
+            }
+        }
+        None => bounded(control.create_slot(cfg)).await?,
+    };
+    // From here on this process relies on the slot (a standby too: the active instance
+    // confirms on it), so a slot that vanishes later is a loss, never a fresh start.
+    ctx.slot_known.set(true);
+    // Closing it releases the initial snapshot's lock, if taken.
+    drop(control);
+    let mut stream = bounded(Stream::start(cfg, slot.confirmed_flush_lsn)).await?;
     ctx.session_streamed.set(true);
     t.health.set_ready();
     t.health.set_role(Role::Streaming);
@@ -335,7 +389,7 @@ async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), Rela
                     Change::Commit { end_lsn } => {
                         if let Some((id, _)) = txn.take() {
                             if let Some(lsn) = progress.commit(id, end_lsn) {
-                                confirm(&stream, t, lsn);
+                                confirm_txns(&stream, t, &progress, lsn);
                             }
                         }
                     }
@@ -367,13 +421,31 @@ async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), Rela
     outcome
 }
 
+/// Awaits a set-up step for at most 60 s.
+async fn bounded<T>(
+    step: impl std::future::Future<Output = Result<T, SourceError>>,
+) -> Result<T, SourceError> {
+    tokio::time::timeout(Duration::from_secs(60), step)
+        .await
+        .map_err(|_| SourceError::Connection("set-up took longer than 60 s".into()))?
+}
+
 fn confirm(stream: &Stream, t: &Telemetry, lsn: u64) {
     stream.confirm(lsn);
     t.health.set_confirmed(lsn);
 }
 
+/// Confirms `lsn`, the end of the transactions `progress` just released, and
+/// records their commit time as acknowledged (the retention watermark).
+fn confirm_txns(stream: &Stream, t: &Telemetry, progress: &Progress, lsn: u64) {
+    confirm(stream, t, lsn);
+    if let Some(micros) = progress.confirmed_commit_micros() {
+        t.health.set_acked_commit(micros);
+    }
+}
+
 /// Builds the envelope of a row, or the poison row it is.
-fn envelope(
+pub(crate) fn envelope(
     cfg: &Config,
     row: Result<OutboxRow, PoisonRow>,
     pos: &Position,
@@ -404,7 +476,7 @@ fn on_result(
         Ok(delivered) => {
             acknowledged(ctx.t, sink, &item, &delivered);
             if let Some(lsn) = progress.ack(item.txn) {
-                confirm(stream, ctx.t, lsn);
+                confirm_txns(stream, ctx.t, progress, lsn);
             }
             if let Some(next) = gate.release(&item.env.aggregate_id) {
                 in_flight.push(deliver(ctx, next, Duration::ZERO));
@@ -428,29 +500,7 @@ fn on_result(
             m.publish_errors
                 .with_label_values(&[sink, e.reason()])
                 .inc();
-            let id = item.env.event.id().to_string();
-            // A dead letter that is itself refused cannot go anywhere: halt, keep it.
-            if ctx.cfg.sink.on_rejected == PoisonPolicy::Halt || item.env.dead_letter {
-                m.poison_events
-                    .with_label_values(&[e.reason(), "halt"])
-                    .inc();
-                tracing::error!(event_id = %id, reason = e.reason(), error = %e, dead_letter = item.env.dead_letter, "broker rejected event; halting");
-                return Err(RelayError::Halted {
-                    id,
-                    reason: e.to_string(),
-                    policy_key: "on_rejected",
-                });
-            }
-            m.poison_events
-                .with_label_values(&[e.reason(), "dead_letter"])
-                .inc();
-            tracing::warn!(event_id = %id, reason = e.reason(), error = %e, "broker rejected event; sending it to the dead-letter destination");
-            let env = deadletter::for_rejected(
-                &item.env,
-                e.reason(),
-                &e.to_string(),
-                &ctx.cfg.cloudevents,
-            );
+            let env = rejected(ctx, &item.env, &e, "event")?;
             // Same transaction, same aggregate key (still held): order is kept.
             in_flight.push(deliver(
                 ctx,
@@ -472,13 +522,46 @@ fn on_result(
     }
 }
 
-/// Metrics of one acknowledged event.
-fn acknowledged(t: &Telemetry, sink: &str, item: &Item, d: &Delivered) {
+/// The `sink.on_rejected` policy for an event the broker refused for good: the dead
+/// letter to send in its place, or the halt. `what` names the event in the log.
+fn rejected(
+    ctx: &Ctx<'_>,
+    env: &Envelope,
+    e: &SinkError,
+    what: &str,
+) -> Result<Envelope, RelayError> {
+    let m = &ctx.t.metrics;
+    let id = env.event.id().to_string();
+    // A dead letter that is itself refused cannot go anywhere: halt, keep it.
+    if ctx.cfg.sink.on_rejected == PoisonPolicy::Halt || env.dead_letter {
+        m.poison_events
+            .with_label_values(&[e.reason(), "halt"])
+            .inc();
+        tracing::error!(event_id = %id, reason = e.reason(), error = %e, dead_letter = env.dead_letter, "broker rejected {what}; halting");
+        return Err(RelayError::Halted {
+            id,
+            reason: e.to_string(),
+            policy_key: "on_rejected",
+        });
+    }
+    m.poison_events
+        .with_label_values(&[e.reason(), "dead_letter"])
+        .inc();
+    tracing::warn!(event_id = %id, reason = e.reason(), error = %e, "broker rejected {what}; sending it to the dead-letter destination");
+    Ok(deadletter::for_rejected(
+        env,
+        e.reason(),
+        &e.to_string(),
+        &ctx.cfg.cloudevents,
+    ))
+}
+
+/// Counters of one delivered envelope: published, dead letters, broker duplicates.
+fn delivered(t: &Telemetry, sink: &str, env: &Envelope, d: &Delivered) {
     let m = &t.metrics;
     m.published(sink, &d.destination);
-    if item.env.dead_letter {
-        let reason = item
-            .env
+    if env.dead_letter {
+        let reason = env
             .event
             .extension("deadletterreason")
             .map(|v| v.to_string());
@@ -489,6 +572,12 @@ fn acknowledged(t: &Telemetry, sink: &str, item: &Item, d: &Delivered) {
     if d.duplicate {
         m.duplicates.with_label_values(&[sink]).inc();
     }
+}
+
+/// Metrics of one acknowledged event.
+fn acknowledged(t: &Telemetry, sink: &str, item: &Item, d: &Delivered) {
+    let m = &t.metrics;
+    delivered(t, sink, &item.env, d);
     let now = chrono::Utc::now();
     m.end_to_end_latency
         .observe((now.timestamp_micros() - item.commit_micros).max(0) as f64 / 1e6);
@@ -518,7 +607,7 @@ async fn drain(
             Ok(delivered) => {
                 acknowledged(ctx.t, ctx.sink.name(), &item, delivered);
                 if let Some(lsn) = progress.ack(item.txn) {
-                    confirm(stream, ctx.t, lsn);
+                    confirm_txns(stream, ctx.t, progress, lsn);
                 }
                 // Events already read wait behind this one for their aggregate: send
                 // them too (within the deadline), or the confirmed position would stop

@@ -27,6 +27,8 @@ pub struct Progress {
     txns: VecDeque<Txn>,
     /// `TxnId` of `txns[0]`.
     front: TxnId,
+    /// Commit time (Unix µs) of the newest confirmed transaction.
+    confirmed_commit_micros: Option<i64>,
 }
 
 impl Progress {
@@ -75,6 +77,11 @@ impl Progress {
         self.txns.front().map(|t| t.commit_micros)
     }
 
+    /// Commit time (Unix µs) of the newest transaction confirmed so far.
+    pub fn confirmed_commit_micros(&self) -> Option<i64> {
+        self.confirmed_commit_micros
+    }
+
     /// Transactions not yet confirmed (open or waiting for acks).
     pub fn pending_transactions(&self) -> usize {
         self.txns.len()
@@ -91,6 +98,7 @@ impl Progress {
             match t.end_lsn {
                 Some(lsn) if t.remaining == 0 => {
                     confirmed = Some(lsn);
+                    self.confirmed_commit_micros = Some(t.commit_micros);
                     self.txns.pop_front();
                     self.front += 1;
                 }
@@ -122,6 +130,24 @@ mod tests {
         assert_eq!(p.ack(a), Some(200));
         assert!(p.is_idle());
         assert_eq!(p.oldest_commit_micros(), None);
+    }
+
+    #[test]
+    fn the_confirmed_commit_time_is_the_newest_confirmed_transaction() {
+        let mut p = Progress::default();
+        let a = p.begin(1_000);
+        let b = p.begin(2_000);
+        p.add(b);
+        assert_eq!(p.commit(a, 10), Some(10));
+        assert_eq!(p.confirmed_commit_micros(), Some(1_000));
+        assert_eq!(p.commit(b, 20), None);
+        assert_eq!(
+            p.confirmed_commit_micros(),
+            Some(1_000),
+            "b is not acknowledged"
+        );
+        assert_eq!(p.ack(b), Some(20));
+        assert_eq!(p.confirmed_commit_micros(), Some(2_000));
     }
 
     #[test]

@@ -15,7 +15,9 @@ pub mod kafka;
 pub mod nats;
 pub mod stdout;
 
-use cloudevents::Event;
+use cloudevents::event::Data;
+use cloudevents::{AttributesReader, Event};
+use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use crate::config::{Config, SinkKind};
 
@@ -56,6 +58,26 @@ impl SinkError {
     /// True for errors that a retry may cure.
     pub fn is_retryable(&self) -> bool {
         matches!(self, SinkError::Retryable { .. })
+    }
+    /// True for refused credentials or a failed TLS handshake: retried like any
+    /// connect failure, but only an operator can cure them, so they are logged as
+    /// errors with the fix and counted in `outboxd_publish_errors_total`.
+    pub fn needs_operator(&self) -> bool {
+        matches!(
+            self,
+            SinkError::Retryable {
+                reason: "auth" | "tls",
+                ..
+            }
+        )
+    }
+    /// The sink's name.
+    pub fn sink(&self) -> &'static str {
+        match self {
+            SinkError::Retryable { sink, .. }
+            | SinkError::Rejected { sink, .. }
+            | SinkError::Fatal { sink, .. } => sink,
+        }
     }
     /// The metrics label.
     pub fn reason(&self) -> &'static str {
@@ -129,7 +151,9 @@ impl Sink {
     pub async fn connect(cfg: &Config) -> Result<Self, SinkError> {
         match cfg.sink.kind {
             SinkKind::Stdout => Ok(Sink::Stdout(stdout::StdoutSink::new())),
-            SinkKind::Nats => Ok(Sink::Nats(nats::NatsSink::connect(&cfg.nats).await?)),
+            SinkKind::Nats => Ok(Sink::Nats(
+                nats::NatsSink::connect(&cfg.nats, &cfg.retry).await?,
+            )),
             SinkKind::Kafka => Ok(Sink::Kafka(kafka::KafkaSink::connect(&cfg.kafka).await?)),
         }
     }
@@ -149,6 +173,143 @@ impl Sink {
             Sink::Stdout(_) => "stdout",
             Sink::Nats(_) => "nats",
             Sink::Kafka(_) => "kafka",
+        }
+    }
+}
+
+/// The attributes and extensions outboxd writes on every event, and their header names
+/// in the NATS (`ce-`) and Kafka (`ce_`) bindings: static, so the hot path allocates no
+/// header name for them.
+const HEADER_NAMES: [(&str, &str, &str); 11] = [
+    ("id", "ce-id", "ce_id"),
+    ("source", "ce-source", "ce_source"),
+    ("specversion", "ce-specversion", "ce_specversion"),
+    ("type", "ce-type", "ce_type"),
+    ("subject", "ce-subject", "ce_subject"),
+    ("time", "ce-time", "ce_time"),
+    ("dataschema", "ce-dataschema", "ce_dataschema"),
+    ("correlationid", "ce-correlationid", "ce_correlationid"),
+    ("causationid", "ce-causationid", "ce_causationid"),
+    ("partitionkey", "ce-partitionkey", "ce_partitionkey"),
+    ("sequence", "ce-sequence", "ce_sequence"),
+];
+
+/// The binding's header name of attribute `name`, `separator` being `-` (NATS, HTTP)
+/// or `_` (Kafka).
+pub fn ce_header_name(name: &str, separator: char) -> std::borrow::Cow<'static, str> {
+    match HEADER_NAMES.iter().find(|(attr, _, _)| *attr == name) {
+        Some((_, dash, _)) if separator == '-' => std::borrow::Cow::Borrowed(dash),
+        Some((_, _, underscore)) if separator == '_' => std::borrow::Cow::Borrowed(underscore),
+        _ => std::borrow::Cow::Owned(format!("ce{separator}{name}")),
+    }
+}
+
+/// The JSON event format of an event (structured content mode), as the SDK writes it,
+/// except that data which the event carries as bytes under a JSON `datacontenttype`
+/// (how [`crate::event`] keeps a row's JSON payload) is embedded as JSON in `data`,
+/// unchanged, rather than as `data_base64`.
+pub struct Structured<'a>(pub &'a Event);
+
+impl Serialize for Structured<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let e = self.0;
+        let json_bytes = match (e.data(), e.datacontenttype()) {
+            (Some(Data::Binary(b)), Some(ct)) if crate::event::is_json(ct) => Some(b),
+            _ => None,
+        };
+        let Some(bytes) = json_bytes else {
+            return e.serialize(serializer);
+        };
+        let text = std::str::from_utf8(bytes).map_err(serde::ser::Error::custom)?;
+        let data: &serde_json::value::RawValue =
+            serde_json::from_str(text).map_err(serde::ser::Error::custom)?;
+        let mut m = serializer.serialize_map(None)?;
+        m.serialize_entry("specversion", e.specversion().as_str())?;
+        m.serialize_entry("id", e.id())?;
+        m.serialize_entry("type", e.ty())?;
+        m.serialize_entry("source", e.source())?;
+        m.serialize_entry("datacontenttype", e.datacontenttype().unwrap_or_default())?;
+        if let Some(schema) = e.dataschema() {
+            m.serialize_entry("dataschema", schema)?;
+        }
+        if let Some(subject) = e.subject() {
+            m.serialize_entry("subject", subject)?;
+        }
+        if let Some(time) = e.time() {
+            m.serialize_entry("time", time)?;
+        }
+        m.serialize_entry("data", data)?;
+        for (name, value) in e.iter_extensions() {
+            m.serialize_entry(name, value)?;
+        }
+        m.end()
+    }
+}
+
+/// [`Structured`] as bytes.
+pub fn structured_json(event: &Event) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&Structured(event))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cloudevents::{EventBuilder, EventBuilderV10};
+
+    fn event(data: Data, content_type: &str) -> Event {
+        EventBuilderV10::new()
+            .id("e-1")
+            .source("/s")
+            .ty("T")
+            .subject("a-1")
+            .extension("sequence", "0001")
+            .data(content_type, data)
+            .build()
+            .expect("valid")
+    }
+
+    #[test]
+    fn json_bytes_are_embedded_as_json_exactly_as_written() {
+        let raw = br#"{"b": 1, "a": [true]}"#;
+        let e = event(Data::Binary(raw.to_vec()), "application/json");
+        let text = String::from_utf8(structured_json(&e).expect("encodes")).expect("utf-8");
+        assert!(text.contains(r#""data":{"b": 1, "a": [true]}"#), "{text}");
+        assert!(!text.contains("data_base64"), "{text}");
+        // What the SDK reads back is the same event with the data as a JSON value.
+        let back: Event = serde_json::from_str(&text).expect("a CloudEvent");
+        assert_eq!(back.id(), "e-1");
+        assert_eq!(back.subject(), Some("a-1"));
+        assert_eq!(
+            back.extension("sequence").map(|v| v.to_string()).as_deref(),
+            Some("0001")
+        );
+        assert_eq!(
+            back.data(),
+            Some(&Data::Json(serde_json::json!({"b": 1, "a": [true]})))
+        );
+    }
+
+    #[test]
+    fn header_names_follow_the_bindings() {
+        assert_eq!(ce_header_name("id", '-'), "ce-id");
+        assert_eq!(ce_header_name("sequence", '_'), "ce_sequence");
+        assert_eq!(ce_header_name("traceparent", '-'), "ce-traceparent");
+        assert_eq!(ce_header_name("traceparent", '_'), "ce_traceparent");
+    }
+
+    #[test]
+    fn other_data_is_written_by_the_sdk() {
+        for (data, ct) in [
+            (Data::Binary(vec![0, 159]), "application/octet-stream"),
+            (Data::String("plain".into()), "text/plain"),
+            (Data::Json(serde_json::json!({"k": 1})), "application/json"),
+        ] {
+            let e = event(data, ct);
+            assert_eq!(
+                structured_json(&e).expect("encodes"),
+                serde_json::to_vec(&e).expect("encodes"),
+                "{ct}"
+            );
         }
     }
 }

@@ -15,13 +15,14 @@ use std::error::Error as _;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, HeaderName};
 use bytes::Bytes;
 use cloudevents::event::Data;
 use cloudevents::AttributesReader;
 
 use super::{Delivered, Envelope, SinkError};
-use crate::config::{ContentMode, NatsConfig};
+use crate::backoff;
+use crate::config::{redact_url, ContentMode, NatsAuth, NatsConfig, RetryConfig};
 use crate::route::{Sanitize, Template};
 
 const SINK: &str = "nats";
@@ -35,19 +36,14 @@ pub struct NatsSink {
 }
 
 impl NatsSink {
-    /// Connects, then finds (or creates) the stream.
-    pub async fn connect(cfg: &NatsConfig) -> Result<Self, SinkError> {
-        let client = async_nats::ConnectOptions::new()
-            .name("outboxd")
-            .connection_timeout(Duration::from_secs(5))
+    /// Connects (TLS and credentials from `[nats]`), then finds (or creates) the stream.
+    pub async fn connect(cfg: &NatsConfig, retry: &RetryConfig) -> Result<Self, SinkError> {
+        let client = options(cfg, retry)
+            .await?
             .connect(cfg.url.expose())
             .await
-            .map_err(|e| SinkError::Retryable {
-                sink: SINK,
-                reason: "connect",
-                // async-nats errors name the kind, not the URL.
-                detail: format!("cannot connect to NATS: {e}"),
-            })?;
+            .map_err(|e| connect_error(&e, cfg))?;
+        tracing::info!(servers = %redact_url(cfg.url.expose()), tls = cfg.tls_required(), "connected to nats");
         let mut js = jetstream::new(client);
         js.set_timeout(Duration::from_millis(cfg.ack_timeout_ms));
         ensure_stream(&js, cfg).await?;
@@ -81,6 +77,140 @@ impl NatsSink {
             duplicate: ack.duplicate,
             destination: subject,
         })
+    }
+}
+
+/// The client options: TLS, credentials, and connection events reported in our logs.
+async fn options(
+    cfg: &NatsConfig,
+    retry: &RetryConfig,
+) -> Result<async_nats::ConnectOptions, SinkError> {
+    let fix = cfg.auth_fix();
+    let retry = retry.clone();
+    let mut o = async_nats::ConnectOptions::new()
+        .name("outboxd")
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(move |event| async move { log_event(&event, fix) })
+        // After a lost connection async-nats reconnects by itself: with the [retry]
+        // backoff and jitter (its default has no jitter), so that sidecars which lost
+        // the same server do not come back in lockstep.
+        .reconnect_delay_callback(move |attempts| match attempts {
+            0 | 1 => Duration::ZERO,
+            n => backoff::delay(&retry, u32::try_from(n - 2).unwrap_or(u32::MAX)),
+        });
+    if cfg.tls_required() {
+        o = o.require_tls(true);
+    }
+    if let Some(ca) = &cfg.tls_ca_file {
+        o = o.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        o = o.add_client_certificate(cert.clone(), key.clone());
+    }
+    match cfg.auth() {
+        NatsAuth::UserPassword => {
+            o = o.user_and_password(cfg.user.clone(), cfg.password.expose().to_string());
+        }
+        NatsAuth::Token => o = o.token(cfg.token.expose().to_string()),
+        NatsAuth::NKey => o = o.nkey(cfg.nkey_seed.expose().to_string()),
+        NatsAuth::Creds => {
+            // Read on every connect, so a rotated file is picked up by the next attempt.
+            let path = cfg
+                .creds_file
+                .as_deref()
+                .unwrap_or(std::path::Path::new(""));
+            o = o
+                .credentials_file(path)
+                .await
+                .map_err(|e| SinkError::Retryable {
+                    sink: SINK,
+                    reason: "auth",
+                    detail: format!("nats.creds_file: cannot use {}: {e}", path.display()),
+                })?;
+        }
+        NatsAuth::None => {}
+    }
+    Ok(o)
+}
+
+/// Sorts a failed connect by what the operator must do. Credentials and TLS are
+/// retried too (the server's configuration may be what gets fixed), but under their
+/// own reasons, which the relay logs as errors and counts.
+fn connect_error(e: &async_nats::ConnectError, cfg: &NatsConfig) -> SinkError {
+    use async_nats::ConnectErrorKind as K;
+    // async-nats errors name the kind and the cause, never the URL or a credential.
+    let (reason, detail) = match e.kind() {
+        K::AuthorizationViolation => (
+            "auth",
+            format!(
+                "NATS refused the credentials (authorization violation): {}",
+                cfg.auth_fix()
+            ),
+        ),
+        K::Authentication => (
+            "auth",
+            format!("cannot authenticate to NATS ({e}): {}", cfg.auth_fix()),
+        ),
+        _ if e.kind() == K::Tls || tls_failure(e) => (
+            "tls",
+            format!(
+                "TLS with NATS failed ({e}): check that the server speaks TLS, that \
+                 nats.tls_ca_file signed its certificate and the certificate names the URL's \
+                 host, and nats.tls_cert_file/nats.tls_key_file if it wants a client certificate"
+            ),
+        ),
+        _ => ("connect", format!("cannot connect to NATS: {e}")),
+    };
+    SinkError::Retryable {
+        sink: SINK,
+        reason,
+        detail,
+    }
+}
+
+/// A handshake that failed on a certificate surfaces as an I/O error wrapping a
+/// rustls error; find it in the cause chain.
+fn tls_failure(e: &async_nats::ConnectError) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = e.source();
+    while let Some(c) = cause {
+        if c.is::<async_nats::rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
+            {
+                return true;
+            }
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// Reports the client's own connection events (reconnects happen inside async-nats).
+fn log_event(event: &async_nats::Event, fix: &'static str) {
+    use async_nats::{ClientError, Event, ServerError};
+    match event {
+        Event::Connected => tracing::info!("nats connection (re)established"),
+        Event::Disconnected => tracing::warn!("nats connection lost; the client reconnects"),
+        Event::ServerError(ServerError::AuthorizationViolation) => {
+            tracing::error!(
+                fix,
+                "nats refused the credentials (authorization violation)"
+            )
+        }
+        // A failed reconnect reports the connect error's kind as text.
+        Event::ClientError(ClientError::Other(kind)) if kind.contains("authorization") => {
+            tracing::error!(
+                fix,
+                "nats refused the credentials on reconnect (authorization violation); retrying"
+            )
+        }
+        Event::ServerError(e) => tracing::warn!(error = %e, "nats server error"),
+        Event::ClientError(e) => tracing::warn!(error = %e, "nats client error"),
+        other => tracing::debug!(event = %other, "nats event"),
     }
 }
 
@@ -175,25 +305,20 @@ pub fn encode(
     match mode {
         ContentMode::Structured => {
             h.insert("content-type", "application/cloudevents+json");
-            let body = serde_json::to_vec(event).map_err(encode_err)?;
+            let body = super::structured_json(event).map_err(encode_err)?;
             Ok((h, Bytes::from(body)))
         }
         ContentMode::Binary => {
             for (name, value) in event.iter_attributes() {
+                let value = owned_header_value(value.to_string());
                 if name == "datacontenttype" {
-                    h.insert("content-type", header_value(&value.to_string()).as_ref());
+                    h.insert(HeaderName::from_static("content-type"), value);
                 } else {
-                    h.insert(
-                        format!("ce-{name}").as_str(),
-                        header_value(&value.to_string()).as_ref(),
-                    );
+                    insert_ce(&mut h, name, value);
                 }
             }
             for (name, value) in event.iter_extensions() {
-                h.insert(
-                    format!("ce-{name}").as_str(),
-                    header_value(&value.to_string()).as_ref(),
-                );
+                insert_ce(&mut h, name, owned_header_value(value.to_string()));
             }
             let body = match event.data() {
                 None => Bytes::new(),
@@ -203,6 +328,22 @@ pub fn encode(
             };
             Ok((h, body))
         }
+    }
+}
+
+/// Inserts `ce-<name>`; the names outboxd always writes are static.
+fn insert_ce(h: &mut HeaderMap, name: &str, value: String) {
+    match super::ce_header_name(name, '-') {
+        Cow::Borrowed(known) => h.insert(HeaderName::from_static(known), value),
+        Cow::Owned(other) => h.insert(other, value),
+    }
+}
+
+/// [`header_value`] of an owned string, reusing it when nothing needs encoding.
+fn owned_header_value(v: String) -> String {
+    match header_value(&v) {
+        Cow::Borrowed(_) => v,
+        Cow::Owned(encoded) => encoded,
     }
 }
 
@@ -270,6 +411,30 @@ mod tests {
         );
         let back: cloudevents::Event = serde_json::from_slice(&body).expect("json format");
         assert_eq!(back, event());
+    }
+
+    #[test]
+    fn a_refused_certificate_is_a_tls_error_naming_the_keys() {
+        // Given the I/O error a failed handshake surfaces as
+        use async_nats::rustls::{CertificateError, Error as Tls};
+        let io = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            Tls::InvalidCertificate(CertificateError::BadSignature),
+        );
+        let e = async_nats::ConnectError::from(io);
+        // Then it is sorted as tls, for an operator, with the keys to check
+        let err = connect_error(&e, &NatsConfig::default());
+        assert_eq!(err.reason(), "tls");
+        assert!(err.needs_operator());
+        assert!(err.to_string().contains("nats.tls_ca_file"), "{err}");
+        // And a plain refused connection is not
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let err = connect_error(
+            &async_nats::ConnectError::from(refused),
+            &NatsConfig::default(),
+        );
+        assert_eq!(err.reason(), "connect");
+        assert!(!err.needs_operator());
     }
 
     #[test]

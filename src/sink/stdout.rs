@@ -22,7 +22,7 @@ impl StdoutSink {
 
     /// Writes and flushes one line. The lock keeps concurrent lines whole.
     pub fn publish(&self, env: &Envelope) -> Result<Delivered, SinkError> {
-        let mut line = serde_json::to_vec(&env.event).map_err(|e| SinkError::Rejected {
+        let mut line = super::structured_json(&env.event).map_err(|e| SinkError::Rejected {
             sink: "stdout",
             reason: "encode",
             detail: e.to_string(),

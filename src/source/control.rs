@@ -4,8 +4,10 @@
 //! It never streams and never moves the slot.
 
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
+pub use super::privileges::Privileges;
+use super::tls::{self, PgTls};
 use super::SourceError;
 use crate::config::{split_table, Config};
 
@@ -101,14 +103,11 @@ impl Drop for Control {
     }
 }
 
-/// Builds the tokio-postgres config from `postgres.url` and the password file.
-pub fn pg_config(cfg: &Config) -> Result<tokio_postgres::Config, SourceError> {
-    let mut pg: tokio_postgres::Config = cfg
-        .postgres
-        .url
-        .expose()
-        .parse()
-        .map_err(|e| SourceError::Setup(format!("postgres.url: {e}")))?;
+/// Builds the tokio-postgres config from `postgres.url` and the password file, and
+/// the TLS setting both connections use (see [`super::tls`]).
+pub fn pg_config(cfg: &Config) -> Result<(tokio_postgres::Config, PgTls), SourceError> {
+    let (mut pg, tls) =
+        tls::resolve(&cfg.postgres).map_err(|e| SourceError::Setup(e.to_string()))?;
     if let Some(pw) = cfg
         .postgres_password()
         .map_err(|e| SourceError::Setup(e.to_string()))?
@@ -122,20 +121,68 @@ pub fn pg_config(cfg: &Config) -> Result<tokio_postgres::Config, SourceError> {
     if pg.get_application_name().is_none() {
         pg.application_name("outboxd");
     }
-    Ok(pg)
+    Ok((pg, tls))
+}
+
+/// A client of its own on the configured URL and TLS setting, for a task that keeps its
+/// own connection (retention); `application_name` tells it apart in `pg_stat_activity`.
+/// The connection runs on a detached task and ends when the client is dropped.
+pub async fn connect_client(
+    cfg: &Config,
+    application_name: &str,
+) -> Result<tokio_postgres::Client, SourceError> {
+    let (mut pg, tls) = pg_config(cfg)?;
+    pg.application_name(application_name);
+    let (client, _connection) = tls::connect(&pg, &tls).await?;
+    Ok(client)
 }
 
 impl Control {
-    /// Connects with the configured URL.
+    /// Connects with the configured URL and TLS setting.
     pub async fn connect(cfg: &Config) -> Result<Self, SourceError> {
-        let pg = pg_config(cfg)?;
-        let (client, conn) = pg.connect(NoTls).await.map_err(SourceError::connect)?;
-        let conn_task = tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "control connection ended");
-            }
-        });
+        let (pg, tls) = pg_config(cfg)?;
+        let (client, conn_task) = tls::connect(&pg, &tls).await?;
         Ok(Self { client, conn_task })
+    }
+
+    /// The TLS version of this connection (`TLSv1.3`), or `None` when it is plain.
+    pub async fn tls_version(&self) -> Result<Option<String>, SourceError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl",
+                &[],
+            )
+            .await
+            .map_err(SourceError::query)?;
+        Ok(row.and_then(|r| r.get(0)))
+    }
+
+    /// What the connected role may do (see [`Privileges`]).
+    pub async fn privileges(&self, cfg: &Config) -> Result<Privileges, SourceError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT quote_ident(current_user), r.rolsuper, r.rolreplication, \
+                        CASE WHEN to_regclass($1) IS NULL THEN NULL \
+                             ELSE has_table_privilege(to_regclass($1), 'SELECT') END, \
+                        has_function_privilege('pg_logical_emit_message(boolean, text, text)', 'EXECUTE'), \
+                        (SELECT pg_has_role(c.relowner, 'USAGE') \
+                                AND has_database_privilege(current_database(), 'CREATE') \
+                         FROM pg_class c WHERE c.oid = to_regclass($1)) \
+                 FROM pg_roles r WHERE r.rolname = current_user",
+                &[&cfg.postgres.table],
+            )
+            .await
+            .map_err(SourceError::query)?;
+        Ok(Privileges {
+            role: row.get(0),
+            superuser: row.get(1),
+            replication: row.get(2),
+            select: row.get(3),
+            emit_message: row.get(4),
+            can_publish: row.get(5),
+        })
     }
 
     /// The server's `wal_level`.
@@ -143,19 +190,6 @@ impl Control {
         let row = self
             .client
             .query_one("SHOW wal_level", &[])
-            .await
-            .map_err(SourceError::query)?;
-        Ok(row.get(0))
-    }
-
-    /// Whether the connected role may open replication connections.
-    pub async fn has_replication(&self) -> Result<bool, SourceError> {
-        let row = self
-            .client
-            .query_one(
-                "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
-                &[],
-            )
             .await
             .map_err(SourceError::query)?;
         Ok(row.get(0))
@@ -183,6 +217,19 @@ impl Control {
             return Ok(None);
         }
         Ok(Some(rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
+    }
+
+    /// Whether the connected role may delete from `table` (retention).
+    pub async fn may_delete(&self, table: &str) -> Result<bool, SourceError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT has_table_privilege(current_user, $1, 'DELETE')",
+                &[&table],
+            )
+            .await
+            .map_err(SourceError::query)?;
+        Ok(row.get(0))
     }
 
     /// `Some(includes_table)` when the publication exists.
@@ -239,6 +286,16 @@ impl Control {
                      postgres.table",
                     p.table
                 ))),
+                // Only the table's owner (with CREATE on the database) may publish it;
+                // a least-privilege relay role is not, by design.
+                Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => Err(SourceError::Setup(format!(
+                    "cannot create publication {pub_}: {}: the table owner must create it: \
+                     CREATE PUBLICATION {pub_} FOR TABLE {table} WITH (publish = 'insert'); \
+                     (part 1 of `outboxd setup`), then set postgres.create_publication = false",
+                    db_message(&e),
+                    pub_ = p.publication,
+                    table = p.table,
+                ))),
                 Err(e) => Err(SourceError::Setup(format!(
                     "cannot create publication {}: {}; create the publication as the table owner \
                      (see `outboxd setup`)",
@@ -271,13 +328,26 @@ impl Control {
     }
 
     /// Returns the slot, creating it when missing (and allowed). Creation is idempotent:
-    /// a concurrent creator winning the race is success.
+    /// a concurrent creator winning the race is success. See [`Control::usable_slot`].
+    pub async fn ensure_slot(&self, cfg: &Config, known: bool) -> Result<SlotInfo, SourceError> {
+        match self.usable_slot(cfg, known).await? {
+            Some(slot) => Ok(slot),
+            None => self.create_slot(cfg).await,
+        }
+    }
+
+    /// The slot when it exists and may be streamed from; `None` when it is missing
+    /// (or was invalidated and has just been dropped) and may be created.
     ///
     /// A slot that was invalidated (`wal_status = lost`), or that is gone although
     /// `known` says this process streamed from it, means events may be missing between
     /// the old slot's position and now. That is never papered over by a new slot:
     /// unless `postgres.allow_new_slot` accepts the gap, it is an error that says so.
-    pub async fn ensure_slot(&self, cfg: &Config, known: bool) -> Result<SlotInfo, SourceError> {
+    pub async fn usable_slot(
+        &self,
+        cfg: &Config,
+        known: bool,
+    ) -> Result<Option<SlotInfo>, SourceError> {
         let p = &cfg.postgres;
         if let Some(s) = self.slot(&p.slot).await? {
             if s.plugin != "pgoutput" {
@@ -287,7 +357,7 @@ impl Control {
                 )));
             }
             if s.wal_status.as_deref() != Some("lost") {
-                return Ok(s);
+                return Ok(Some(s));
             }
             if !p.allow_new_slot {
                 return Err(SourceError::SlotLost(format!(
@@ -319,6 +389,12 @@ impl Control {
                 p.slot
             )));
         }
+        Ok(None)
+    }
+
+    /// Creates the slot (see [`Control::ensure_slot`]) and returns it.
+    pub async fn create_slot(&self, cfg: &Config) -> Result<SlotInfo, SourceError> {
+        let p = &cfg.postgres;
         let created = if p.failover_slot {
             let version: i32 = self
                 .client
@@ -400,8 +476,10 @@ impl Control {
         Ok(crate::replay::relation_of(id, schema, table, cols))
     }
 
-    /// Starts a read-only snapshot for a replay.
-    pub async fn snapshot(&mut self) -> Result<Snapshot<'_>, SourceError> {
+    /// Starts a read-only snapshot for a replay; with `exported`, the snapshot a slot
+    /// creation exported (the initial snapshot), so it sees exactly the transactions
+    /// committed before the slot's consistent point.
+    pub async fn snapshot(&mut self, exported: Option<&str>) -> Result<Snapshot<'_>, SourceError> {
         let tx = self
             .client
             .build_transaction()
@@ -410,10 +488,44 @@ impl Control {
             .start()
             .await
             .map_err(SourceError::query)?;
+        if let Some(name) = exported {
+            // Must come before the transaction's first query. The name was checked
+            // to be `[0-9A-F-]+` where it was read (source::export).
+            tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT '{name}'"))
+                .await
+                .map_err(SourceError::query)?;
+        }
         tx.batch_execute("SET LOCAL datestyle = ISO; SET LOCAL timezone = 'UTC'")
             .await
             .map_err(SourceError::query)?;
         Ok(Snapshot { tx })
+    }
+
+    /// Takes the session-level advisory lock that lets one instance at a time take
+    /// the initial snapshot of `slot`; false when another session holds it. Held
+    /// until this connection closes (also when the process dies).
+    pub async fn try_lock_snapshot(&self, slot: &str) -> Result<bool, SourceError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT pg_try_advisory_lock(hashtext('outboxd.initial_snapshot.' || $1)::bigint)",
+                &[&slot],
+            )
+            .await
+            .map_err(SourceError::query)?;
+        Ok(row.get(0))
+    }
+
+    /// `pg_copy_logical_replication_slot(src, dst, temporary => false)`: a permanent
+    /// slot at `src`'s position. The raw error, so the caller can tell "exists".
+    pub async fn copy_slot(&self, src: &str, dst: &str) -> Result<(), tokio_postgres::Error> {
+        self.client
+            .execute(
+                "SELECT pg_copy_logical_replication_slot($1, $2, false)",
+                &[&src, &dst],
+            )
+            .await
+            .map(|_| ())
     }
 
     /// Position and retention of `slot`, if it exists.

@@ -21,9 +21,12 @@
 //! so a slow broker never trips `wal_sender_timeout`.
 
 pub mod control;
+pub(crate) mod export;
 pub mod message;
 pub mod monitor;
 pub mod pgoutput;
+pub mod privileges;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -186,49 +189,9 @@ pub struct Stream {
 impl Stream {
     /// Opens a replication connection and starts streaming after `start_lsn`.
     pub async fn start(cfg: &Config, start_lsn: u64) -> Result<Self, SourceError> {
-        let pg = control::pg_config(cfg)?;
-        let host = match pg.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-            None => "localhost".to_string(),
-        };
-        let port = pg.get_ports().first().copied().unwrap_or(5432);
-        let user = pg.get_user().unwrap_or("postgres").to_string();
-        let password = pg
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .unwrap_or_default();
-        let dbname = pg
-            .get_dbname()
-            .map(str::to_string)
-            .unwrap_or_else(|| user.clone());
-        let rcfg = ReplicationConfig::new(
-            host,
-            user,
-            password,
-            dbname,
-            cfg.postgres.slot.clone(),
-            cfg.postgres.publication.clone(),
-        )
-        .with_port(port)
-        .with_tls(TlsConfig::disabled())
-        .with_start_lsn(Lsn(start_lsn))
-        .with_ack_lsn(Lsn(start_lsn))
-        .with_status_interval(cfg.status_interval())
-        .with_wakeup_interval(Duration::from_secs(10))
-        .with_application_name("outboxd")
-        // An observer makes the worker track confirmations not yet reported, which
-        // `close` waits on so the final position reaches the server before we exit.
-        .with_feedback_observer(FeedbackObserver::new(|_sent| {}))
-        // Text values must render the same on every server: ISO dates in UTC.
-        .with_options("-c datestyle=ISO -c timezone=UTC");
-        let mut client = ReplicationClient::connect(rcfg)
-            .await
-            .map_err(SourceError::replication)?;
-        client
-            .wait_started()
-            .await
-            .map_err(SourceError::replication)?;
+        let (rcfg, explain) = replication_config(cfg, start_lsn)?;
+        let mut client = ReplicationClient::connect(rcfg).await.map_err(&explain)?;
+        client.wait_started().await.map_err(&explain)?;
         let (schema, name) = split_table(&cfg.postgres.table);
         Ok(Self {
             client,
@@ -290,20 +253,7 @@ impl Stream {
                         let Some(layout) = self.layouts.get(&relation) else {
                             continue;
                         };
-                        let row = layout.row(&values).map_err(|e| {
-                            let (row, aggregate_id) = layout.raw(&values);
-                            let (id, reason) = match e {
-                                OutboxError::Invalid { id, reason } => (id, reason),
-                                other => ("<unknown>".to_string(), other.to_string()),
-                            };
-                            PoisonRow {
-                                id,
-                                aggregate_id,
-                                code: "invalid_row",
-                                reason,
-                                row,
-                            }
-                        });
+                        let row = row_or_poison(layout, &values);
                         return Ok(Some(Change::Row(Box::new(row))));
                     }
                     Message::Ignored(tag) => {
@@ -353,6 +303,87 @@ impl Stream {
             tracing::debug!(error = %e, "replication stream ended with an error during shutdown");
         }
     }
+}
+
+/// The replication session's settings: the slot and publication of `cfg`, starting
+/// (and reporting as confirmed) `start_lsn`.
+/// The replication connection's settings (TLS included), and how to explain its
+/// errors: a TLS failure names what failed and the key to change.
+fn replication_config(
+    cfg: &Config,
+    start_lsn: u64,
+) -> Result<(ReplicationConfig, impl Fn(PgWireError) -> SourceError), SourceError> {
+    let (pg, tls) = control::pg_config(cfg)?;
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let user = pg.get_user().unwrap_or("postgres").to_string();
+    let password = pg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let dbname = pg
+        .get_dbname()
+        .map(str::to_string)
+        .unwrap_or_else(|| user.clone());
+    let rcfg = ReplicationConfig::new(
+        host.clone(),
+        user,
+        password,
+        dbname,
+        cfg.postgres.slot.clone(),
+        cfg.postgres.publication.clone(),
+    )
+    .with_port(port)
+    .with_tls(if host.starts_with('/') {
+        // A Unix socket carries no TLS (a mode that needs it is refused at start-up).
+        TlsConfig::disabled()
+    } else {
+        tls.for_host(&host)
+    })
+    .with_start_lsn(Lsn(start_lsn))
+    .with_ack_lsn(Lsn(start_lsn))
+    .with_status_interval(cfg.status_interval())
+    .with_wakeup_interval(Duration::from_secs(10))
+    .with_application_name("outboxd")
+    // An observer makes the worker track confirmations not yet reported, which
+    // `close` waits on so the final position reaches the server before we exit.
+    .with_feedback_observer(FeedbackObserver::new(|_sent| {}))
+    // Text values must render the same on every server: ISO dates in UTC.
+    .with_options("-c datestyle=ISO -c timezone=UTC");
+    let explain = move |e: PgWireError| {
+        if e.is_tls() {
+            tls.explain(&e, &host, port)
+        } else {
+            SourceError::replication(e)
+        }
+    };
+    Ok((rcfg, explain))
+}
+
+/// A table row's values through `layout`: the typed row, or the poison row it is
+/// (the stream, replay and the initial snapshot all judge rows by this).
+pub(crate) fn row_or_poison(
+    layout: &Layout,
+    values: &[pgoutput::Value],
+) -> Result<OutboxRow, PoisonRow> {
+    layout.row(values).map_err(|e| {
+        let (row, aggregate_id) = layout.raw(values);
+        let (id, reason) = match e {
+            OutboxError::Invalid { id, reason } => (id, reason),
+            other => ("<unknown>".to_string(), other.to_string()),
+        };
+        PoisonRow {
+            id,
+            aggregate_id,
+            code: "invalid_row",
+            reason,
+            row,
+        }
+    })
 }
 
 fn pg_time(micros: i64) -> DateTime<Utc> {

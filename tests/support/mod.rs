@@ -12,6 +12,7 @@
 
 pub mod faults;
 pub mod kafka;
+pub mod secure;
 
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
@@ -237,10 +238,22 @@ impl Postgres {
 
     /// Waits until a relay streams from `slot` (rows committed before the slot existed
     /// are not in it: a test must not write before this).
+    /// Waits until a walsender streams from `slot` (not merely a backend holding it,
+    /// as the one creating it does for a moment).
     pub async fn wait_streaming(&self, slot: &str) {
         assert!(
-            wait_for(Duration::from_secs(30), || async {
-                self.slot_active_pid(slot).await.is_some()
+            wait_for(Duration::from_secs(60), || async {
+                self.client()
+                    .await
+                    .query_opt(
+                        "SELECT 1 FROM pg_replication_slots s \
+                         JOIN pg_stat_replication r ON r.pid = s.active_pid \
+                         WHERE s.slot_name = $1",
+                        &[&slot],
+                    )
+                    .await
+                    .expect("query slot")
+                    .is_some()
             })
             .await,
             "no relay streams from slot {slot}"

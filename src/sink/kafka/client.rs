@@ -101,7 +101,7 @@ where
     T: rdkafka::config::FromClientConfigAndContext<Context>,
 {
     config
-        .create_with_context(Context)
+        .create_with_context(Context::new(cfg))
         .map_err(|e| SinkError::Fatal {
             sink: SINK,
             detail: describe_create_error(&e, cfg),
@@ -131,12 +131,52 @@ fn redact(text: &str, cfg: &KafkaConfig) -> String {
 }
 
 /// Forwards librdkafka's log lines and client errors to `tracing` (target
-/// `librdkafka`), so they share the daemon's format and filter.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Context;
+/// `librdkafka`), so they share the daemon's format and filter. Every line first
+/// loses the values of sensitive properties (names with `password`, `secret`, `key`,
+/// `token`, `oauthbearer`, and every one from `[kafka.properties_files]`): librdkafka
+/// redacts the properties it knows as sensitive in its own dumps (`debug = "conf"`),
+/// and this catches the rest (e.g. a password echoed in a broker's error text).
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    /// Property values to blank out; never formatted (the `Debug` of `Secret` hides them).
+    secrets: std::sync::Arc<Vec<crate::config::Secret>>,
+}
+
+impl Context {
+    fn new(cfg: &KafkaConfig) -> Self {
+        // Only sensitive values: blanking every value would also blank words such as
+        // `all` (acks) wherever they occur in a log line.
+        let sensitive = |name: &str| {
+            cfg.properties_files.contains_key(name)
+                || ["password", "secret", "key", "token", "oauthbearer"]
+                    .iter()
+                    .any(|s| name.contains(s))
+        };
+        let secrets = cfg
+            .properties
+            .iter()
+            .filter(|(k, v)| sensitive(k) && v.expose().len() >= 3)
+            .map(|(_, v)| v.clone())
+            .collect();
+        Self {
+            secrets: std::sync::Arc::new(secrets),
+        }
+    }
+
+    fn redact<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        let mut out = std::borrow::Cow::Borrowed(text);
+        for s in self.secrets.iter() {
+            if out.contains(s.expose()) {
+                out = std::borrow::Cow::Owned(out.replace(s.expose(), "[redacted]"));
+            }
+        }
+        out
+    }
+}
 
 impl ClientContext for Context {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        let message = self.redact(message);
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
@@ -159,7 +199,8 @@ impl ClientContext for Context {
     fn error(&self, error: KafkaError, reason: &str) {
         // Broker-down and similar are reported here while librdkafka reconnects on its
         // own; the per-event consequences arrive as delivery reports.
-        tracing::warn!(target: "librdkafka", error = %error, reason, "kafka client error");
+        let error = error.to_string();
+        tracing::warn!(target: "librdkafka", error = %self.redact(&error), reason = %self.redact(reason), "kafka client error");
     }
 }
 
@@ -299,6 +340,41 @@ mod tests {
         // Then librdkafka accepts every property (compression codec included)
         assert!(weakened(&cfg.properties).is_empty());
         let _producer = create::<Producer>(&producer_config(&cfg), &cfg).expect("producer");
+    }
+
+    #[test]
+    fn log_lines_lose_property_values() {
+        // Given SASL credentials among the properties (one read from a file)
+        let cfg = kafka(&[
+            ("sasl.username", "app"),
+            ("sasl.password", "pa55-from-file"),
+            ("security.protocol", "SASL_SSL"),
+        ]);
+        let ctx = Context::new(&cfg);
+        // When librdkafka logs a line that echoes a value
+        let line = ctx.redact("SASL authentication error: pa55-from-file rejected for SASL_SSL");
+        // Then the password is gone; values of other properties stay readable
+        assert_eq!(
+            line,
+            "SASL authentication error: [redacted] rejected for SASL_SSL"
+        );
+        assert!(!format!("{ctx:?}").contains("pa55"));
+    }
+
+    #[test]
+    fn sasl_properties_reach_librdkafka() {
+        // Given the SASL/SSL block of docs/kafka.md with the password from a file
+        let cfg = kafka(&[
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanisms", "SCRAM-SHA-512"),
+            ("sasl.username", "outboxd"),
+            ("sasl.password", "from-file"),
+        ]);
+        // Then the producer config carries them and librdkafka accepts them
+        let c = producer_config(&cfg);
+        assert_eq!(c.get("sasl.password"), Some("from-file"));
+        assert_eq!(c.get("sasl.mechanisms"), Some("SCRAM-SHA-512"));
+        let _producer = create::<Producer>(&c, &cfg).expect("librdkafka accepts SASL_SSL");
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //! (and NATS), Kafka headers are length-prefixed byte strings, so nothing needs
 //! percent-encoding: a CR/LF in a row value cannot break the record.
 
+use std::borrow::Cow;
+
 use cloudevents::event::Data;
 use cloudevents::Event;
 
@@ -26,7 +28,7 @@ pub const STRUCTURED_CONTENT_TYPE: &str = "application/cloudevents+json";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Encoded {
     /// Header name and UTF-8 value, in the order they are written.
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<(Cow<'static, str>, String)>,
     /// The record value; `None` is a record without value.
     pub value: Option<Vec<u8>>,
 }
@@ -40,21 +42,24 @@ pub struct EncodeError(#[from] serde_json::Error);
 pub fn encode(event: &Event, mode: ContentMode) -> Result<Encoded, EncodeError> {
     match mode {
         ContentMode::Structured => Ok(Encoded {
-            headers: vec![("content-type".into(), STRUCTURED_CONTENT_TYPE.into())],
-            value: Some(serde_json::to_vec(event)?),
+            headers: vec![(
+                Cow::Borrowed("content-type"),
+                STRUCTURED_CONTENT_TYPE.into(),
+            )],
+            value: Some(crate::sink::structured_json(event)?),
         }),
         ContentMode::Binary => {
             let mut headers = Vec::with_capacity(12);
             for (name, value) in event.iter_attributes() {
                 let header = if name == "datacontenttype" {
-                    "content-type".to_string()
+                    Cow::Borrowed("content-type")
                 } else {
-                    format!("ce_{name}")
+                    crate::sink::ce_header_name(name, '_')
                 };
                 headers.push((header, value.to_string()));
             }
             for (name, value) in event.iter_extensions() {
-                headers.push((format!("ce_{name}"), value.to_string()));
+                headers.push((crate::sink::ce_header_name(name, '_'), value.to_string()));
             }
             let value = match event.data() {
                 None => None,
@@ -144,7 +149,7 @@ mod tests {
         assert_eq!(
             e.headers,
             vec![(
-                "content-type".to_string(),
+                Cow::Borrowed("content-type"),
                 STRUCTURED_CONTENT_TYPE.to_string()
             )]
         );

@@ -1,0 +1,542 @@
+//! Secrets and credentials of `[nats]` and `[http]`: reading their `*_file` keys,
+//! checking at start-up that the combination makes sense (naming the key to change),
+//! and [`redact_url`] for every place a connection URL might be shown.
+//!
+//! Never puts a secret's value into an error: messages name keys and paths only.
+
+use std::path::{Path, PathBuf};
+
+use super::{invalid, read_secret, Config, ConfigError, HttpConfig, NatsConfig, Secret};
+
+impl Config {
+    /// Replaces each secret by the content of its `*_file` key, when that is set.
+    pub(super) fn resolve_security_files(&mut self) -> Result<(), ConfigError> {
+        let n = &mut self.nats;
+        for (key, path, value) in [
+            ("nats.password_file", &n.password_file, &mut n.password),
+            ("nats.token_file", &n.token_file, &mut n.token),
+            ("nats.nkey_seed_file", &n.nkey_seed_file, &mut n.nkey_seed),
+        ] {
+            if let Some(p) = path {
+                *value = Secret::new(read_secret(key, p)?);
+            }
+        }
+        let h = &mut self.http;
+        for (key, path, value) in [
+            (
+                "http.bearer_token_file",
+                &h.bearer_token_file,
+                &mut h.bearer_token,
+            ),
+            (
+                "http.basic_auth_password_file",
+                &h.basic_auth_password_file,
+                &mut h.basic_auth_password,
+            ),
+        ] {
+            if let Some(p) = path {
+                *value = Secret::new(read_secret(key, p)?);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The ways to authenticate to NATS; at most one may be configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NatsAuth {
+    /// Nothing configured (or credentials inside `nats.url`).
+    None,
+    /// `nats.user` + `nats.password[_file]`.
+    UserPassword,
+    /// `nats.token[_file]`.
+    Token,
+    /// `nats.creds_file`.
+    Creds,
+    /// `nats.nkey_seed[_file]`.
+    NKey,
+}
+
+impl NatsConfig {
+    /// The authentication method in use (valid after [`Config::load`]).
+    pub(crate) fn auth(&self) -> NatsAuth {
+        if !self.user.is_empty() || !self.password.is_empty() {
+            NatsAuth::UserPassword
+        } else if !self.token.is_empty() {
+            NatsAuth::Token
+        } else if self.creds_file.is_some() {
+            NatsAuth::Creds
+        } else if !self.nkey_seed.is_empty() {
+            NatsAuth::NKey
+        } else {
+            NatsAuth::None
+        }
+    }
+
+    /// True when the connection must be TLS.
+    pub(crate) fn tls_required(&self) -> bool {
+        self.require_tls || self.tls_ca_file.is_some() || self.tls_cert_file.is_some()
+    }
+
+    /// What to check when the server refuses the credentials, by method.
+    pub(crate) fn auth_fix(&self) -> &'static str {
+        match self.auth() {
+            NatsAuth::UserPassword => {
+                "check nats.user and nats.password (or nats.password_file) against the \
+                 server's authorization users"
+            }
+            NatsAuth::Token => "check nats.token (or nats.token_file) against the server's token",
+            NatsAuth::Creds => {
+                "check nats.creds_file: its user JWT must be signed by an account the \
+                 server trusts, with the matching seed"
+            }
+            NatsAuth::NKey => {
+                "check nats.nkey_seed_file (or nats.nkey_seed): its public key must be a \
+                 user of the server"
+            }
+            NatsAuth::None if url_has_credentials(self.url.expose()) => {
+                "check the user and password inside nats.url"
+            }
+            NatsAuth::None => {
+                "the server requires credentials: set nats.user + nats.password_file, \
+                 nats.token_file, nats.creds_file or nats.nkey_seed_file"
+            }
+        }
+    }
+
+    /// Start-up checks of TLS and credentials; each error names the key to change.
+    pub(super) fn validate_security(&self) -> Result<(), ConfigError> {
+        for (i, part) in self.url.expose().split(',').enumerate() {
+            if part.trim().parse::<async_nats::ServerAddr>().is_err() {
+                // The parser's message may quote the URL: say which one, not what it is.
+                return Err(invalid(
+                    "nats.url",
+                    format!(
+                        "server {} is not a valid address (e.g. tls://nats:4222 or nats://nats:4222)",
+                        i + 1
+                    ),
+                ));
+            }
+        }
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "nats.tls_key_file",
+                    "missing: nats.tls_cert_file (mutual TLS) needs its private key",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "nats.tls_cert_file",
+                    "missing: nats.tls_key_file needs the client certificate it belongs to",
+                ))
+            }
+            _ => {}
+        }
+        for (key, path) in [
+            ("nats.tls_ca_file", &self.tls_ca_file),
+            ("nats.tls_cert_file", &self.tls_cert_file),
+            ("nats.tls_key_file", &self.tls_key_file),
+        ] {
+            if let Some(p) = path {
+                pem_file(key, p)?;
+            }
+        }
+        if self.user.is_empty() && !self.password.is_empty() {
+            return Err(invalid(
+                "nats.user",
+                "missing: nats.password is set, so set the user it belongs to",
+            ));
+        }
+        if !self.user.is_empty() && self.password.is_empty() {
+            return Err(invalid(
+                "nats.password",
+                "missing: nats.user needs nats.password, nats.password_file or OUTBOXD_NATS__PASSWORD",
+            ));
+        }
+        let methods: Vec<&str> = [
+            (!self.user.is_empty(), "nats.user/nats.password"),
+            (!self.token.is_empty(), "nats.token"),
+            (self.creds_file.is_some(), "nats.creds_file"),
+            (!self.nkey_seed.is_empty(), "nats.nkey_seed"),
+        ]
+        .into_iter()
+        .filter_map(|(set, name)| set.then_some(name))
+        .collect();
+        if methods.len() > 1 {
+            return Err(invalid(
+                methods[1].split('/').next().unwrap_or(methods[1]),
+                format!(
+                    "conflicts with {}: NATS takes one authentication method; remove one of {}",
+                    methods[0],
+                    methods.join(", ")
+                ),
+            ));
+        }
+        if !methods.is_empty() && url_has_credentials(self.url.expose()) {
+            return Err(invalid(
+                "nats.url",
+                format!(
+                    "carries credentials and {} is set too: remove the user/password from the URL",
+                    methods[0]
+                ),
+            ));
+        }
+        if let Some(p) = &self.creds_file {
+            // Read as is: async-nats's parser wants the newline after the last line,
+            // which `read_secret` would trim.
+            let creds = std::fs::read_to_string(p).map_err(|source| ConfigError::SecretFile {
+                key: "nats.creds_file".into(),
+                path: p.clone(),
+                source,
+            })?;
+            if async_nats::ConnectOptions::with_credentials(&creds).is_err() {
+                return Err(invalid(
+                    "nats.creds_file",
+                    format!(
+                        "{} is not a NATS .creds file (a user JWT and an NKey seed block)",
+                        p.display()
+                    ),
+                ));
+            }
+        }
+        let seed = self.nkey_seed.expose();
+        if !seed.is_empty() && (!seed.starts_with("SU") || seed.len() != 58) {
+            let key = if self.nkey_seed_file.is_some() {
+                "nats.nkey_seed_file"
+            } else {
+                "nats.nkey_seed"
+            };
+            return Err(invalid(
+                key,
+                "not an NKey user seed (58 characters starting with SU)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl HttpConfig {
+    /// Start-up checks of the endpoint credentials.
+    pub(super) fn validate_auth(&self) -> Result<(), ConfigError> {
+        if self.basic_auth_user.is_empty() != self.basic_auth_password.is_empty() {
+            return Err(if self.basic_auth_user.is_empty() {
+                invalid(
+                    "http.basic_auth_user",
+                    "missing: a basic auth password is set, so set the user",
+                )
+            } else {
+                invalid(
+                    "http.basic_auth_password",
+                    "missing: http.basic_auth_user needs http.basic_auth_password or \
+                     http.basic_auth_password_file",
+                )
+            });
+        }
+        if self.basic_auth_user.contains(':') {
+            return Err(invalid(
+                "http.basic_auth_user",
+                "must not contain ':' (RFC 7617)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// True when `/metrics` and `/status` need credentials.
+    pub fn auth_enabled(&self) -> bool {
+        !self.bearer_token.is_empty() || !self.basic_auth_user.is_empty()
+    }
+}
+
+fn pem_file(key: &str, path: &Path) -> Result<(), ConfigError> {
+    let text = read_secret(key, path)?;
+    if text.contains("-----BEGIN ") {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            format!("{} is not a PEM file", PathBuf::from(path).display()),
+        ))
+    }
+}
+
+fn url_has_credentials(urls: &str) -> bool {
+    urls.split(',').any(|u| {
+        url::Url::parse(u.trim())
+            .map(|u| !u.username().is_empty() || u.password().is_some())
+            .unwrap_or(false)
+    })
+}
+
+/// A connection URL (or a comma-separated list of them) fit to be shown: user
+/// information becomes `[redacted]`, and so does the value of every query parameter
+/// whose name mentions a password, token, key or secret. A `key=value` connection
+/// string has its `password` redacted; anything unparsable is withheld entirely.
+pub fn redact_url(urls: &str) -> String {
+    urls.split(',')
+        .map(|u| redact_one(u.trim()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `text` with the user information of every `scheme://user:password@host` in it
+/// replaced by `[redacted]`: for free text that may quote a URL (a panic message).
+pub fn redact_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        // The authority ends at the first '/', '?', '#' or white space; user
+        // information is what comes before its last '@'.
+        let end = tail
+            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace())
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                out.push_str("[redacted]");
+                rest = &tail[at..];
+            }
+            None => rest = tail,
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn sensitive(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    ["pass", "token", "key", "secret", "seed", "cred"]
+        .iter()
+        .any(|s| n.contains(s))
+}
+
+fn redact_one(u: &str) -> String {
+    if !u.contains("://") {
+        if u.contains('=') {
+            // libpq's `host=h password=p` form.
+            return u
+                .split_whitespace()
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if sensitive(k) => format!("{k}=[redacted]"),
+                    _ => kv.to_string(),
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+        }
+        if u.contains('@') {
+            return "[redacted]".into();
+        }
+        return u.to_string();
+    }
+    let Ok(mut parsed) = url::Url::parse(u) else {
+        return "[redacted URL]".into();
+    };
+    let had_userinfo = !parsed.username().is_empty() || parsed.password().is_some();
+    let query: Vec<(String, String)> = parsed
+        .query_pairs()
+        .map(|(k, v)| {
+            let v = if sensitive(&k) {
+                "[redacted]".to_string()
+            } else {
+                v.into_owned()
+            };
+            (k.into_owned(), v)
+        })
+        .collect();
+    if !query.is_empty() {
+        parsed
+            .query_pairs_mut()
+            .clear()
+            .extend_pairs(query.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    }
+    // `set_username`/`set_password` fail for URLs without a host: withhold those.
+    if parsed.set_password(None).is_err()
+        || parsed.set_username("").is_err()
+        || parsed.password().is_some()
+    {
+        return "[redacted URL]".into();
+    }
+    let text = parsed.to_string().replace("%5Bredacted%5D", "[redacted]");
+    if had_userinfo {
+        match text.split_once("://") {
+            Some((scheme, rest)) => format!("{scheme}://[redacted]@{rest}"),
+            None => "[redacted URL]".into(),
+        }
+    } else {
+        text
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)]
+mod tests {
+
+    #[test]
+    fn userinfo_is_redacted_in_free_text() {
+        assert_eq!(
+            redact_userinfo("connect postgres://app:s3cr3t@db:5432/x?sslmode=require failed"),
+            "connect postgres://[redacted]@db:5432/x?sslmode=require failed"
+        );
+        assert_eq!(
+            redact_userinfo("a nats://tok@n1:4222, b tls://u:p@w@n2 and http://plain/x"),
+            "a nats://[redacted]@n1:4222, b tls://[redacted]@n2 and http://plain/x"
+        );
+        assert_eq!(redact_userinfo("no url here"), "no url here");
+    }
+
+    use super::*;
+    use figment::Jail;
+
+    fn load(jail: &mut Jail, toml: &str) -> Result<Config, ConfigError> {
+        jail.create_file("c.toml", toml).expect("jail file");
+        Config::load(Some(Path::new("c.toml")))
+    }
+
+    const BASE: &str = "[postgres]\nurl = \"postgres://h/db\"\n[sink]\nkind = \"nats\"\n";
+
+    #[test]
+    fn urls_lose_their_secrets() {
+        assert_eq!(
+            redact_url("postgres://relay:hunter2@db:5432/app?sslmode=require&password=p2"),
+            "postgres://[redacted]@db:5432/app?sslmode=require&password=[redacted]"
+        );
+        assert_eq!(
+            redact_url("nats://u:hunter2@a:4222, tls://tok3n@b:4222"),
+            "nats://[redacted]@a:4222,tls://[redacted]@b:4222"
+        );
+        assert_eq!(
+            redact_url("tls://nats.example:4222"),
+            "tls://nats.example:4222"
+        );
+        assert_eq!(
+            redact_url("host=db user=relay password=hunter2 sslkey=/k"),
+            "host=db user=relay password=[redacted] sslkey=[redacted]"
+        );
+        assert_eq!(redact_url("not a url but@secret"), "[redacted]");
+        for u in [
+            "postgres://relay:hunter2@db/app",
+            "postgresql://relay:hunter2@[::1]:5/app",
+            "nats://hunter2@h",
+            "weird://:hunter2@",
+        ] {
+            assert!(
+                !redact_url(u).contains("hunter2"),
+                "{u} -> {}",
+                redact_url(u)
+            );
+        }
+    }
+
+    #[test]
+    fn nats_secret_files_are_read_and_never_printed() {
+        Jail::expect_with(|jail| {
+            jail.create_file("pw", "n4ts-pw\n")?;
+            let cfg = load(
+                jail,
+                &format!("{BASE}[nats]\nuser = \"relay\"\npassword_file = \"pw\"\n"),
+            )
+            .expect("ok");
+            assert_eq!(cfg.nats.password.expose(), "n4ts-pw");
+            assert_eq!(cfg.nats.auth(), NatsAuth::UserPassword);
+            assert!(!format!("{cfg:?}").contains("n4ts-pw"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn nats_conflicts_and_gaps_name_the_key() {
+        Jail::expect_with(|jail| {
+            let cases = [
+                (
+                    "user = \"u\"\npassword = \"p4ss\"\ntoken = \"t0ken\"\n",
+                    "nats.token: conflicts with nats.user/nats.password",
+                ),
+                ("user = \"u\"\n", "nats.password: missing"),
+                ("password = \"p4ss\"\n", "nats.user: missing"),
+                ("tls_cert_file = \"c.toml\"\n", "nats.tls_key_file: missing"),
+                (
+                    "tls_ca_file = \"nope.pem\"\n",
+                    "nats.tls_ca_file: cannot read nope.pem",
+                ),
+                (
+                    "tls_ca_file = \"c.toml\"\n",
+                    "nats.tls_ca_file: c.toml is not a PEM file",
+                ),
+                (
+                    "nkey_seed = \"SXnotaseed\"\n",
+                    "nats.nkey_seed: not an NKey user seed",
+                ),
+                (
+                    "creds_file = \"c.toml\"\n",
+                    "nats.creds_file: c.toml is not a NATS .creds",
+                ),
+                (
+                    "url = \"nats://u:p4ss@h:4222\"\ntoken = \"t0ken\"\n",
+                    "nats.url: carries credentials and nats.token",
+                ),
+                ("url = \"nats://h:4222,::p4ss::\"\n", "nats.url: server 2"),
+            ];
+            for (nats, expected) in cases {
+                let err = load(jail, &format!("{BASE}[nats]\n{nats}")).expect_err(nats);
+                let msg = err.to_string();
+                assert!(msg.starts_with(expected), "{nats}: {msg}");
+                assert!(!msg.contains("p4ss") && !msg.contains("t0ken"), "{msg}");
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_creds_file_ending_in_a_newline_is_accepted() {
+        Jail::expect_with(|jail| {
+            // Given a .creds file as nsc writes it (the last line ends with \n)
+            let seed = nkeys::KeyPair::new_user().seed().expect("seed");
+            jail.create_file(
+                "u.creds",
+                &format!(
+                    "-----BEGIN NATS USER JWT-----\neyJ0eXAi.eyJqdGki.c2ln\n------END NATS USER JWT------\n\n\
+                     -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+                ),
+            )?;
+            // Then it validates and selects the creds method
+            let cfg = load(jail, &format!("{BASE}[nats]\ncreds_file = \"u.creds\"\n")).expect("ok");
+            assert_eq!(cfg.nats.auth(), NatsAuth::Creds);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn http_auth_is_checked() {
+        Jail::expect_with(|jail| {
+            jail.create_file("tok", "b3arer\n")?;
+            let cfg = load(
+                jail,
+                "[postgres]\nurl = \"postgres://h/db\"\n[http]\nbearer_token_file = \"tok\"\n",
+            )
+            .expect("ok");
+            assert_eq!(cfg.http.bearer_token.expose(), "b3arer");
+            assert!(cfg.http.auth_enabled());
+            let err = load(
+                jail,
+                "[postgres]\nurl = \"postgres://h/db\"\n[http]\nbasic_auth_user = \"prom\"\n",
+            )
+            .expect_err("no password");
+            assert!(err
+                .to_string()
+                .starts_with("http.basic_auth_password: missing"));
+            let err = load(
+                jail,
+                "[postgres]\nurl = \"postgres://h/db\"\n[http]\nbearer_token = 42\n",
+            )
+            .expect_err("wrong type");
+            assert!(
+                err.to_string()
+                    .starts_with("http.bearer_token: invalid type"),
+                "{err}"
+            );
+            assert!(!err.to_string().contains("42"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,245 @@
+//! The initial snapshot (`postgres.initial_snapshot`): when `outboxd run` creates the
+//! slot, the rows already in the outbox table are published first, exactly once
+//! relative to the stream.
+//!
+//! ```text
+//!  advisory lock ─▶ temporary slot + exported snapshot (source::export) ─▶ consistent point C
+//!      │            read the table in that snapshot (replay::plan, cursor, 1000 rows a batch)
+//!      │            publish every row, wait for every ack (per-aggregate order kept)
+//!      └──────────▶ copy the temporary slot into postgres.slot (at C) ─▶ stream after C
+//! ```
+//!
+//! Rows committed before `C` are in the snapshot, rows committed after it in the
+//! stream, none in both (see `source::export`). The snapshot is read ordered by
+//! `created_at` (when mapped) then id: the commit-order proxy the table offers, as
+//! for `outboxd replay`. Events of one aggregate are published one after another in
+//! that order; different aggregates are pipelined, up to `sink.max_in_flight`.
+//! Every snapshot event precedes every streamed one, and its `sequence` extension
+//! (commit LSN 0) sorts before theirs.
+//!
+//! Only the instance that creates the slot snapshots, and only one at a time: a
+//! session-level advisory lock is taken first, and the slot is looked up again under
+//! it. An instance that finds the lock taken is a standby (it retries and then finds
+//! the slot). A crash or SIGTERM before the copy leaves no permanent slot, so the next
+//! start snapshots again; the events sent before are sent again, with the same ids.
+//!
+//! This module never moves the slot: the stream's progress starts at `C`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cloudevents::AttributesReader;
+use futures::stream::{self, TryStreamExt};
+use tokio_util::sync::CancellationToken;
+
+use super::{Ctx, RelayError};
+use crate::backoff;
+use crate::config::PoisonPolicy;
+use crate::deadletter;
+use crate::event::Position;
+use crate::replay::{self, ReplayError, Selection};
+use crate::sink::{Envelope, SinkError};
+use crate::source::control::{Control, SlotInfo};
+use crate::source::export::ExportedSlot;
+use crate::source::SourceError;
+
+/// Rows fetched from the cursor per round trip; they are all acknowledged before
+/// the next fetch.
+const BATCH: i64 = 1000;
+
+/// Takes the initial snapshot and creates the slot from it. `Ok(None)` on shutdown
+/// (no slot was created; the next start snapshots again).
+pub(super) async fn take(
+    ctx: &Ctx<'_>,
+    control: &mut Control,
+    shutdown: &CancellationToken,
+) -> Result<Option<SlotInfo>, RelayError> {
+    let cfg = ctx.cfg;
+    let slot = &cfg.postgres.slot;
+    if !control.try_lock_snapshot(slot).await? {
+        return Err(SourceError::SlotBusy(format!(
+            "another instance is taking the initial snapshot for slot {slot}"
+        ))
+        .into());
+    }
+    // Under the lock: another instance may have finished while we waited.
+    if let Some(existing) = control.usable_slot(cfg, false).await? {
+        return Ok(Some(existing));
+    }
+    tracing::info!(slot = %slot, "initial snapshot: creating a temporary slot (waits for running transactions to end)");
+    let Some(exported) = watch(ctx, shutdown, ExportedSlot::create(cfg)).await else {
+        return Ok(None);
+    };
+    let exported = exported?;
+    let read = replay::plan(control, cfg, &Selection::default())
+        .await
+        .map_err(source_error)?;
+    let started = std::time::Instant::now();
+    let mut published = 0u64;
+    {
+        let tx = control.snapshot(Some(exported.snapshot())).await?;
+        let total = read.open(&tx).await?;
+        tracing::info!(slot = %slot, rows = total, consistent_point = %super::lsn_text(exported.consistent_point()), "initial snapshot started");
+        let mut index = 0u32;
+        loop {
+            if shutdown.is_cancelled() {
+                tracing::info!(
+                    published,
+                    "initial snapshot interrupted by shutdown; it is taken again on the next start"
+                );
+                return Ok(None);
+            }
+            ctx.t.health.tick();
+            let rows = tx.fetch(BATCH).await?;
+            if rows.is_empty() {
+                break;
+            }
+            // Per aggregate, in read order: one queue each.
+            let mut queues: HashMap<String, Vec<Envelope>> = HashMap::new();
+            for values in rows {
+                let env = match replay::table_envelope(cfg, &read.layout, &values, index) {
+                    Ok(env) => env,
+                    Err(poison) => {
+                        let code = poison.code;
+                        if cfg.sink.on_invalid == PoisonPolicy::Halt {
+                            ctx.t
+                                .metrics
+                                .poison_events
+                                .with_label_values(&[code, "halt"])
+                                .inc();
+                            tracing::error!(event_id = %poison.id, reason = %poison.reason, "invalid outbox row in the initial snapshot; halting (sink.on_invalid = halt)");
+                            return Err(RelayError::Halted {
+                                id: poison.id,
+                                reason: poison.reason,
+                                policy_key: "on_invalid",
+                            });
+                        }
+                        ctx.t
+                            .metrics
+                            .poison_events
+                            .with_label_values(&[code, "dead_letter"])
+                            .inc();
+                        tracing::warn!(event_id = %poison.id, reason = %poison.reason, "invalid outbox row in the initial snapshot; sending it to the dead-letter destination");
+                        let pos = Position {
+                            commit_lsn: 0,
+                            commit_time: chrono::Utc::now(),
+                            index,
+                        };
+                        deadletter::for_row(&poison, &pos, &cfg.cloudevents)
+                    }
+                };
+                index = index.wrapping_add(1);
+                queues
+                    .entry(env.aggregate_id.clone())
+                    .or_default()
+                    .push(env);
+            }
+            let sent = std::cell::Cell::new(0u64);
+            stream::iter(queues.into_values().map(Ok::<_, RelayError>))
+                .try_for_each_concurrent(cfg.sink.max_in_flight, |queue| {
+                    let sent = &sent;
+                    async move {
+                        for env in queue {
+                            if !publish(ctx, env, shutdown).await? {
+                                break;
+                            }
+                            sent.set(sent.get() + 1);
+                        }
+                        Ok(())
+                    }
+                })
+                .await?;
+            published += sent.get();
+        }
+    }
+    let copied = exported.persist(control, cfg).await?;
+    if !copied {
+        tracing::warn!(slot = %slot, "slot was created by someone else during the initial snapshot; events committed meanwhile may arrive twice (same ids)");
+    }
+    let info = control.slot(slot).await?.ok_or_else(|| {
+        SourceError::Setup(format!(
+            "replication slot {slot} vanished after the initial snapshot"
+        ))
+    })?;
+    tracing::info!(slot = %slot, published, seconds = started.elapsed().as_secs_f64(), start_lsn = %super::lsn_text(info.confirmed_flush_lsn), "initial snapshot done; streaming from the new slot");
+    Ok(Some(info))
+}
+
+/// Publishes one event until the broker acknowledges it: retryable errors are retried
+/// with backoff, a rejection follows `sink.on_rejected`. `Ok(false)` on shutdown.
+async fn publish(
+    ctx: &Ctx<'_>,
+    mut env: Envelope,
+    shutdown: &CancellationToken,
+) -> Result<bool, RelayError> {
+    let (m, sink) = (&ctx.t.metrics, ctx.sink.name());
+    let mut attempt = 0u32;
+    loop {
+        if shutdown.is_cancelled() {
+            return Ok(false);
+        }
+        let started = std::time::Instant::now();
+        let result = ctx.sink.publish(&env).await;
+        ctx.publish_duration
+            .observe(started.elapsed().as_secs_f64());
+        ctx.t.health.tick();
+        match result {
+            Ok(delivered) => {
+                super::delivered(ctx.t, sink, &env, &delivered);
+                m.snapshot_events.inc();
+                return Ok(true);
+            }
+            Err(e) if e.is_retryable() => {
+                m.publish_errors
+                    .with_label_values(&[sink, e.reason()])
+                    .inc();
+                let wait = backoff::delay(&ctx.cfg.retry, attempt);
+                attempt = attempt.saturating_add(1);
+                tracing::warn!(event_id = %env.event.id(), attempt, reason = e.reason(), error = %e, retry_in_ms = wait.as_millis() as u64, "initial snapshot: publish failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(false),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            Err(e @ SinkError::Rejected { .. }) => {
+                m.publish_errors
+                    .with_label_values(&[sink, e.reason()])
+                    .inc();
+                env = super::rejected(ctx, &env, &e, "an initial snapshot event")?;
+                attempt = 0;
+            }
+            Err(e) => {
+                m.publish_errors
+                    .with_label_values(&[sink, e.reason()])
+                    .inc();
+                return Err(e.into());
+            }
+        }
+    }
+}
+
+/// Awaits `fut` while ticking the watchdog; `None` when shutdown came first.
+async fn watch<T>(
+    ctx: &Ctx<'_>,
+    shutdown: &CancellationToken,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let mut fut = std::pin::pin!(fut);
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            v = &mut fut => return Some(v),
+            _ = ticker.tick() => ctx.t.health.tick(),
+        }
+    }
+}
+
+/// A failed table read as the relay classifies it (a lost connection is retried).
+fn source_error(e: ReplayError) -> RelayError {
+    match e {
+        ReplayError::Source(e) => e.into(),
+        ReplayError::Schema(e) => SourceError::Schema(e).into(),
+        other => SourceError::Setup(format!("initial snapshot: {other}")).into(),
+    }
+}
