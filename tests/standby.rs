@@ -192,3 +192,70 @@ async fn one_streams_standbys_take_over_on_sigkill_and_sigterm() {
         );
     }
 }
+
+/// Replicas that start together all find no publication and all create it; the ones
+/// that lose that race carry on as replicas instead of exiting. Made deterministic by
+/// holding the "other replica's" CREATE PUBLICATION open until the relay's own one
+/// waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_race_to_create_the_publication_is_not_an_error() {
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let nats = Nats::start();
+
+    // Given another replica's CREATE PUBLICATION, not committed yet
+    let mut other = pg.client().await;
+    let tx = other.transaction().await.expect("begin");
+    tx.batch_execute(
+        "CREATE PUBLICATION outboxd FOR TABLE public.outbox WITH (publish = 'insert')",
+    )
+    .await
+    .expect("create publication in the open transaction");
+
+    // When the relay's own CREATE PUBLICATION waits for it, and it then commits
+    let port = free_port();
+    let listen = format!("\"127.0.0.1:{port}\"");
+    let mut relay = Relay::spawn(&config(&pg, Some(&nats), &[("http", "listen", &listen)]));
+    let probe = pg.client().await;
+    let waiting = wait_for(Duration::from_secs(30), || {
+        let probe = &probe;
+        async move {
+            probe
+                .query_opt(
+                    "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                     AND query ILIKE 'CREATE PUBLICATION%' AND backend_type = 'client backend'",
+                    &[],
+                )
+                .await
+                .expect("pg_stat_activity")
+                .is_some()
+        }
+    })
+    .await;
+    assert!(
+        waiting,
+        "the relay's CREATE PUBLICATION waits for the open one"
+    );
+    tx.commit().await.expect("commit");
+
+    // Then the relay streams, stays up and delivers
+    pg.wait_streaming("outboxd").await;
+    assert!(relay.try_exit().is_none(), "the relay is still running");
+    let db = pg.client().await;
+    let id = support::insert_event(&db, "race-1", 1)
+        .await
+        .expect("insert");
+    let js = nats.jetstream().await;
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            let js = &js;
+            async move { stream_len(js, "OUTBOX").await >= 1 }
+        })
+        .await,
+        "the row is delivered"
+    );
+    let msgs = read_stream(&js, "OUTBOX").await;
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].header("ce-id"), Some(id.as_str()));
+    assert_eq!(http_get(port, "/readyz").map(|x| x.0), Some(200));
+}

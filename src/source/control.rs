@@ -280,7 +280,23 @@ impl Control {
                     tracing::info!(publication = %p.publication, table = %p.table, "created publication");
                     Ok(())
                 }
-                Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => Ok(()),
+                // Another instance created it first. A creator that was still running when
+                // we looked makes our insert into pg_publication wait for its commit and
+                // then fail on the catalog's unique index (23505) rather than with 42710.
+                Err(e)
+                    if e.code() == Some(&SqlState::DUPLICATE_OBJECT)
+                        || e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
+                {
+                    tracing::info!(publication = %p.publication, "publication created concurrently by another instance");
+                    match self.publication(cfg).await? {
+                        Some(true) => Ok(()),
+                        _ => Err(SourceError::Setup(format!(
+                            "publication {} was created concurrently but does not include {}: run \
+                             ALTER PUBLICATION {} ADD TABLE {}",
+                            p.publication, p.table, p.publication, p.table
+                        ))),
+                    }
+                }
                 Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Err(SourceError::Setup(format!(
                     "table {} does not exist: create it (`outboxd setup` prints the SQL) or set \
                      postgres.table",
