@@ -116,8 +116,11 @@ pub fn to_cloudevent(
         // Checked, not parsed into a tree: the event carries the row's bytes as they
         // are (binary mode sends them unchanged; structured mode embeds them, see
         // `sink::Structured`), which spares a parse and a re-serialisation per event.
-        let valid = std::str::from_utf8(&row.payload)
-            .is_ok_and(|text| serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok());
+        // A json or jsonb column (or a table-less envelope's payload) was checked before
+        // it got here: by Postgres on insert, by serde when the envelope was read.
+        let valid = row.payload_kind == PayloadKind::Json
+            || std::str::from_utf8(&row.payload)
+                .is_ok_and(|text| serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok());
         if !valid {
             return Err(EventError::PayloadNotJson {
                 id: row.id.clone(),
@@ -341,8 +344,11 @@ mod tests {
 
     #[test]
     fn poison_payloads_and_headers() {
+        // A text (or bytea) payload under a JSON content type is checked; a json or
+        // jsonb column's text is JSON by Postgres's own check.
         let r = OutboxRow {
             payload: Bytes::from_static(b"{not json"),
+            payload_kind: PayloadKind::Text,
             ..row()
         };
         let err = to_cloudevent(&r, &pos(), &cfg()).expect_err("not json");

@@ -15,6 +15,8 @@ pub mod kafka;
 pub mod nats;
 pub mod stdout;
 
+use std::borrow::Cow;
+
 use cloudevents::event::Data;
 use cloudevents::{AttributesReader, Event};
 use serde::ser::{Serialize, SerializeMap, Serializer};
@@ -194,13 +196,41 @@ const HEADER_NAMES: [(&str, &str, &str); 11] = [
     ("sequence", "ce-sequence", "ce_sequence"),
 ];
 
+/// The header names of [`HEADER_NAMES`] for `separator` (see [`ce_header_name`]).
+pub fn ce_header_names(separator: char) -> impl Iterator<Item = &'static str> {
+    HEADER_NAMES
+        .iter()
+        .map(move |(_, dash, underscore)| if separator == '-' { *dash } else { *underscore })
+}
+
 /// The binding's header name of attribute `name`, `separator` being `-` (NATS, HTTP)
 /// or `_` (Kafka).
-pub fn ce_header_name(name: &str, separator: char) -> std::borrow::Cow<'static, str> {
+pub fn ce_header_name(name: &str, separator: char) -> Cow<'static, str> {
     match HEADER_NAMES.iter().find(|(attr, _, _)| *attr == name) {
-        Some((_, dash, _)) if separator == '-' => std::borrow::Cow::Borrowed(dash),
-        Some((_, _, underscore)) if separator == '_' => std::borrow::Cow::Borrowed(underscore),
-        _ => std::borrow::Cow::Owned(format!("ce{separator}{name}")),
+        Some((_, dash, _)) if separator == '-' => Cow::Borrowed(dash),
+        Some((_, _, underscore)) if separator == '_' => Cow::Borrowed(underscore),
+        _ => Cow::Owned(format!("ce{separator}{name}")),
+    }
+}
+
+/// The canonical string of an attribute value, as the SDK's `Display` writes it, but
+/// without the formatting machinery (and its allocation) for the string-valued ones,
+/// which are all but `time` and `specversion` on outboxd's events.
+pub fn attribute_text<'a>(value: &cloudevents::event::AttributeValue<'a>) -> Cow<'a, str> {
+    use cloudevents::event::AttributeValue as A;
+    match value {
+        A::String(s) => Cow::Borrowed(s),
+        A::URIRef(s) => Cow::Borrowed(s.as_str()),
+        A::URI(u) => Cow::Borrowed(u.as_str()),
+        other => Cow::Owned(other.to_string()),
+    }
+}
+
+/// [`attribute_text`] of an extension value.
+pub fn extension_text(value: &cloudevents::event::ExtensionValue) -> Cow<'_, str> {
+    match value {
+        cloudevents::event::ExtensionValue::String(s) => Cow::Borrowed(s),
+        other => Cow::Owned(other.to_string()),
     }
 }
 

@@ -56,10 +56,13 @@ pub fn encode(event: &Event, mode: ContentMode) -> Result<Encoded, EncodeError> 
                 } else {
                     crate::sink::ce_header_name(name, '_')
                 };
-                headers.push((header, value.to_string()));
+                headers.push((header, crate::sink::attribute_text(&value).into_owned()));
             }
             for (name, value) in event.iter_extensions() {
-                headers.push((crate::sink::ce_header_name(name, '_'), value.to_string()));
+                headers.push((
+                    crate::sink::ce_header_name(name, '_'),
+                    crate::sink::extension_text(value).into_owned(),
+                ));
             }
             let value = match event.data() {
                 None => None,
