@@ -11,8 +11,9 @@
     6. outboxd's CPU seconds and peak RSS for every run;
     7. a table on stdout, .tmp/bench/results.json, and BENCHMARKS.md.
 
-Environment: BENCH_N (default 100000), BENCH_RATES (default 1000,5000,20000),
-BENCH_LATENCY_SECS (default 15), BENCH_REPEAT (drain runs per consumer, default 5;
+Environment: BENCH_N (default 100000), BENCH_RATES (default 1000,5000,20000: events/s,
+one row per transaction), BENCH_BATCHED (default 5000x10: 5,000 events/s in
+transactions of 10 rows; empty for none), BENCH_LATENCY_SECS (default 15), BENCH_REPEAT (drain runs per consumer, default 5;
 the median is reported), OUTBOXD_BIN (default target/release/outboxd).
 `bench/bench.py --render FILE` rewrites BENCHMARKS.md from a results.json.
 Not a test: nothing here asserts speed, and CI never runs it.
@@ -174,10 +175,11 @@ def run_all(ctx, cfg, res):
 
     res["latency"] = []
     for sink in ["nats"] + (["kafka"] if ok else []):
-        print(f"bench: paced load against {sink}: {cfg['rates']} events/s, "
+        loads = [(r, 1) for r in cfg["rates"]] + [tuple(b) for b in cfg.get("batched", [])]
+        print(f"bench: paced load against {sink}: {report.loads_text(loads)} events/s, "
               f"{cfg['latency_secs']} s each ...", flush=True)
         try:
-            for r in runs.run_latency(ctx, sink, f"bench_latency_{sink}", cfg["rates"],
+            for r in runs.run_latency(ctx, sink, f"bench_latency_{sink}", loads,
                                       cfg["latency_secs"]):
                 res["latency"].append(r)
                 print("bench:     " + report.latency_line(r), flush=True)
@@ -197,6 +199,9 @@ def main():
     cfg = {
         "n": int(os.environ.get("BENCH_N", "100000")),
         "rates": [int(r) for r in os.environ.get("BENCH_RATES", "1000,5000,20000").split(",")],
+        # RATExROWS: RATE events/s offered in transactions of ROWS rows each.
+        "batched": [[int(x) for x in b.split("x")]
+                    for b in os.environ.get("BENCH_BATCHED", "5000x10").split(",") if b],
         "latency_secs": int(os.environ.get("BENCH_LATENCY_SECS", "15")),
         "repeat": int(os.environ.get("BENCH_REPEAT", "5")),
         "outboxd": os.environ.get("OUTBOXD_BIN", os.path.join(REPO, "target/release/outboxd")),

@@ -42,10 +42,23 @@ def run_line(r, phase):
             f"peak RSS {r['peak_rss_mb']:.1f} MiB, walsender CPU {r['walsender_cpu_s']:.2f} s")
 
 
+def load_text(rate, rows):
+    """An offered load: `5,000` (one row per transaction) or `5,000 (10 rows/txn)`."""
+    return f"{rate:,}" + (f" ({rows} rows/txn)" if rows > 1 else "")
+
+
+def loads_text(loads):
+    return ", ".join(load_text(rate, rows) for rate, rows in loads)
+
+
+def _load(r):
+    return load_text(r["offered_per_s"], r.get("rows_per_txn", 1))
+
+
 def latency_line(r):
     if "error" in r:
         return f"{r['sink']}: FAILED: {r['error']}"
-    line = (f"{r['sink']} @ {r['offered_per_s']:,}/s offered ({r['achieved_per_s']:,.0f}/s "
+    line = (f"{r['sink']} @ {_load(r)}/s offered ({r['achieved_per_s']:,.0f}/s "
             f"achieved): p50 {_ms(r['p50_s'])} ms, p99 {_ms(r['p99_s'])} ms, max ≤ "
             f"{_ms(r['max_le_s'])} ms (histogram)")
     if "exact" in r:
@@ -119,7 +132,7 @@ def _latency_rows(res):
         share = r.get("share_le_25ms")
         lag = r.get("pgbench_schedule_lag_ms")
         rows.append([
-            r["sink"], f"{r['offered_per_s']:,}", f"{r['achieved_per_s']:,.0f}",
+            r["sink"], _load(r), f"{r['achieved_per_s']:,.0f}",
             "–" if lag is None else f"{lag:,.1f}",
             _ms(r["p50_s"]), _ms(r["p99_s"]), f"≤ {_ms(r['max_le_s'])}",
             "–" if share is None else f"{share * 100:.2f} %",
@@ -189,7 +202,9 @@ def goals(res):
                  f", {r['others_cores']:.2f} of them taken by other work on the machine"))
         if r["achieved_per_s"] < 0.95 * r["offered_per_s"]:
             v += f"; only {r['achieved_per_s']:,.0f}/s could be offered"
-        out.append((f"p99 < 25 ms at {GOAL_P99_RATE:,}/s ({r['sink']})", v))
+        shape = ("" if r.get("rows_per_txn", 1) == 1
+                 else f", {r['rows_per_txn']} rows per transaction")
+        out.append((f"p99 < 25 ms at {GOAL_P99_RATE:,}/s ({r['sink']}{shape})", v))
     lat = [r for r in res.get("latency", []) if "peak_rss_mb" in r]
     kept_up = [r for r in lat if steady(r)]
     if lat:
@@ -200,12 +215,12 @@ def goals(res):
             mb = worst["peak_rss_mb"] * 2**20 / 1e6
             v = (f"{'met' if mb < GOAL_RSS_MB else 'NOT met'}: at most "
                  f"{worst['peak_rss_mb']:.1f} MiB ({mb:.1f} MB) while keeping up ("
-                 + ", ".join(f"{r['sink']} {r['offered_per_s']:,}/s: {r['peak_rss_mb']:.1f}"
+                 + ", ".join(f"{r['sink']} {_load(r)}/s: {r['peak_rss_mb']:.1f}"
                              for r in kept_up) + " MiB)")
         behind = [r for r in lat if not steady(r)]
         if behind:
             v += ("; while falling behind (events queue up to `sink.max_in_flight`): "
-                  + ", ".join(f"{r['sink']} {r['offered_per_s']:,}/s: {r['peak_rss_mb']:.1f}"
+                  + ", ".join(f"{r['sink']} {_load(r)}/s: {r['peak_rss_mb']:.1f}"
                               for r in behind) + " MiB")
         drains = [r["peak_rss_mb"] for p in res.get("phases", []) for r in p["runs"]
                   if r.get("sink") and "peak_rss_mb" in r]
@@ -228,6 +243,7 @@ def steady(r):
 
 def markdown(res):
     m, v, cfg = res["machine"], res.get("versions", {}), res["config"]
+    batched = cfg.get("batched", [])
     dirty = " plus uncommitted changes to src/ or Cargo.*" if m["dirty"] else ""
     out = [f"## Last run: {m['date']}, commit {m['commit']}{dirty}",
            "",
@@ -238,14 +254,16 @@ def markdown(res):
            f"{v.get('outboxd', '?')} (release build)"
            + (f", Kafka-protocol broker {v['kafka']}" if v.get("kafka") else "") + ".",
            f"- N = {cfg['n']:,}; payload {res.get('payload_bytes', '?')} bytes of JSON over "
-           f"1,000 aggregates; offered loads {', '.join(f'{r:,}' for r in cfg['rates'])} "
-           f"events/s for {cfg['latency_secs']} s each. Whole run: {res.get('wall_s', 0):.0f} s.",
+           f"1,000 aggregates; offered loads "
+           f"{loads_text([(r, 1) for r in cfg['rates']] + [tuple(b) for b in batched])} "
+           f"events/s for {cfg['latency_secs']} s each (one row per transaction unless "
+           f"said). Whole run: {res.get('wall_s', 0):.0f} s.",
            "- Kafka: " + res.get("kafka_note", "?"),
            "",
            "Reproduce: `make bench` (this run: `BENCH_N=%d BENCH_REPEAT=%d BENCH_RATES=%s "
-           "BENCH_LATENCY_SECS=%d make bench`)." % (
+           "BENCH_BATCHED=%s BENCH_LATENCY_SECS=%d make bench`)." % (
                cfg["n"], cfg.get("repeat", 1), ",".join(map(str, cfg["rates"])),
-               cfg["latency_secs"]),
+               ",".join(f"{r}x{k}" for r, k in batched), cfg["latency_secs"]),
            "",
            "Columns: *on CPU* is the process's CPU time (utime + stime, all threads) over the "
            "run's wall time; *runnable, no CPU* is the time its threads were ready to run but "
@@ -276,7 +294,10 @@ def markdown(res):
             "*max* is the bound of the highest non-empty bucket; *≤ 25 ms* is exact (25 ms is a "
             "bucket bound). *exact* (NATS only) is every event of the window read back from "
             "JetStream: stored timestamp minus the event's `time` (its commit time), i.e. "
-            "commit → stored, which excludes only the PubAck's trip back to outboxd.",
+            "commit → stored, which excludes only the PubAck's trip back to outboxd. "
+            "*rows/txn*: the events/s were offered as transactions of that many rows (all "
+            "with the transaction's commit time), which costs Postgres and pgbench less "
+            "per event than single-row commits.",
             "",
             _md_table(LAT_HEADER, _latency_rows(res)),
             "",

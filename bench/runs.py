@@ -204,16 +204,18 @@ def broker_cpu(ctx, sink):
     return probe.cpu_seconds(proc.pid) if proc is not None else 0.0
 
 
-def rate_plan(rate):
-    """pgbench clients and threads for an offered rate (one INSERT per transaction)."""
-    clients = max(2, min(8, rate // 2500))
+def rate_plan(rate, rows=1):
+    """pgbench clients and threads for an offered rate of events in transactions of
+    `rows` rows."""
+    clients = max(2, min(8, rate // rows // 2500))
     return clients, (2 if clients >= 4 else 1)
 
 
-def run_latency(ctx, sink, slot, rates, secs):
-    """One outboxd against `sink`; for each rate, pgbench offers that many single-row
-    transactions per second for `secs`, and the commit-to-ack latency of exactly the
-    window's events is the delta of outboxd's histogram across the window."""
+def run_latency(ctx, sink, slot, loads, secs):
+    """One outboxd against `sink`; for each (rate, rows) of `loads`, pgbench offers
+    `rate` events per second in transactions of `rows` rows for `secs`, and the
+    commit-to-ack latency of exactly the window's events is the delta of outboxd's
+    histogram across the window."""
     http = free_port()
     name = f"latency-{sink}"
     workload.create_slots(ctx.pg, [slot])
@@ -225,17 +227,18 @@ def run_latency(ctx, sink, slot, rates, secs):
     try:
         wait_port(http, "outboxd /metrics", alive=lambda: p.poll() is None)
         # Warm-up: connections, stream/topic creation, first allocations.
-        workload.paced_load(ctx.pg, ctx.root, rates[0], 3, *rate_plan(rates[0]))
+        rate0, rows0 = loads[0]
+        workload.paced_load(ctx.pg, ctx.root, rate0, 3, *rate_plan(rate0, rows0), rows0)
         _wait_confirmed(ctx, p, slot, workload.current_lsn(ctx.pg))
-        for rate in rates:
-            results.append(_latency_window(ctx, p, http, sink, slot, rate, secs))
+        for rate, rows in loads:
+            results.append(_latency_window(ctx, p, http, sink, slot, rate, rows, secs))
     finally:
         _stop_outboxd(ctx, p, name)
         workload.drop_slot(ctx.pg, slot)
     return results
 
 
-def _latency_window(ctx, p, http, sink, slot, rate, secs):
+def _latency_window(ctx, p, http, sink, slot, rate, rows, secs):
     seq0 = ctx.js.last_seq("OUTBOX") if sink == "nats" else None
     h0 = probe.histogram(probe.scrape(http), "outboxd_end_to_end_latency_seconds")
     cpu0, wait0 = probe.cpu_seconds(p.pid), probe.runqueue_wait_s(p.pid)
@@ -247,7 +250,8 @@ def _latency_window(ctx, p, http, sink, slot, rate, secs):
     machine = probe.MachineCpu(ctx.pg.postmaster_pid())
     machine.start()
     t0 = time.monotonic()
-    txns, tps, sched_lag = workload.paced_load(ctx.pg, ctx.root, rate, secs, *rate_plan(rate))
+    events, tps, sched_lag = workload.paced_load(ctx.pg, ctx.root, rate, secs,
+                                                 *rate_plan(rate, rows), rows)
     load_end = time.monotonic()
     end = workload.current_lsn(ctx.pg)
     _wait_confirmed(ctx, p, slot, end, ws)
@@ -258,7 +262,8 @@ def _latency_window(ctx, p, http, sink, slot, rate, secs):
     h = probe.histogram_delta(h0, probe.histogram(probe.scrape(http),
                                                   "outboxd_end_to_end_latency_seconds"))
     res = {
-        "sink": sink, "offered_per_s": rate, "achieved_per_s": tps, "events": txns,
+        "sink": sink, "offered_per_s": rate, "rows_per_txn": rows, "achieved_per_s": tps,
+        "events": events,
         "pgbench_schedule_lag_ms": sched_lag, "observed": h["count"],
         "p50_s": probe.quantile(h, 0.50), "p99_s": probe.quantile(h, 0.99),
         "max_le_s": probe.max_bound(h), "mean_s": h["sum"] / h["count"] if h["count"] else None,

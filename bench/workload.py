@@ -4,7 +4,7 @@ Owns: the outbox table (the README's DDL) and its publication, a ~300-byte JSON
 payload over 1,000 aggregates, the two backlogs (N single-row transactions written by
 a procedure that COMMITs after every row, and one transaction of N rows), the slots,
 a server-side wait for a slot's confirmed position, and offered load at a fixed rate
-with pgbench --rate. Must never: write to the outbox while a backlog's slots are
+with pgbench --rate, one row or several per transaction. Must never: write to the outbox while a backlog's slots are
 being measured (every consumer must see exactly the same backlog).
 """
 
@@ -139,15 +139,27 @@ def wait_confirmed_argv(pg, slot, target, timeout_s):
             f"SELECT bench_wait_confirmed('{slot}', '{target}', {timeout_s})"]
 
 
-def paced_load(pg, root, rate, seconds, clients, threads):
-    """Offered load: one INSERT per transaction at `rate` per second for `seconds`
-    (pgbench --rate: a Poisson schedule, so the rate is offered whatever the latency).
-    Returns (transactions committed, achieved tps, mean schedule lag ms)."""
-    path = os.path.join(root, "insert.sql")
+def pgbench_script(rows):
+    """One transaction of `rows` INSERTs' worth of rows (one statement)."""
+    if rows == 1:
+        return PGBENCH_SCRIPT
+    return ("\\set i random(1, 1000000000)\n"
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) SELECT "
+            f"'Order', 'order-' || ((:i + g) % {AGGREGATES}), 'OrderPlaced', bench_payload(:i + g) "
+            f"FROM generate_series(1, {rows}) g;\n")
+
+
+def paced_load(pg, root, rate, seconds, clients, threads, rows=1):
+    """Offered load: `rate` events per second for `seconds`, in transactions of `rows`
+    rows each (pgbench --rate at rate / rows transactions per second: a Poisson
+    schedule, so the rate is offered whatever the latency). Returns (events committed,
+    achieved events/s, mean schedule lag ms)."""
+    path = os.path.join(root, f"insert-{rows}.sql")
     with open(path, "w") as f:
-        f.write(PGBENCH_SCRIPT)
+        f.write(pgbench_script(rows))
     # -M prepared: the cheapest way for pgbench to commit, leaving the most CPU to the relay.
-    argv = ["pgbench", "-n", "-M", "prepared", "-f", path, "--rate", str(rate), "-T", str(seconds),
+    argv = ["pgbench", "-n", "-M", "prepared", "-f", path, "--rate", f"{rate / rows:g}",
+            "-T", str(seconds),
             "-c", str(clients), "-j", str(threads), "-h", "127.0.0.1", "-p", str(pg.port),
             "-U", "postgres", "postgres"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
@@ -157,4 +169,4 @@ def paced_load(pg, root, rate, seconds, clients, threads):
     txns = int(re.search(r"number of transactions actually processed: (\d+)", out).group(1))
     tps = float(re.search(r"tps = ([\d.]+)", out).group(1))
     lag = re.search(r"rate limit schedule lag: avg ([\d.]+)", out)
-    return txns, tps, float(lag.group(1)) if lag else None
+    return txns * rows, tps * rows, float(lag.group(1)) if lag else None
