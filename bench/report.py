@@ -44,7 +44,16 @@ def run_line(r, phase):
 
 def load_text(rate, rows):
     """An offered load: `5,000` (one row per transaction) or `5,000 (10 rows/txn)`."""
-    return f"{rate:,}" + (f" ({rows} rows/txn)" if rows > 1 else "")
+    return f"{rate:,}" + _shape_text(rows)
+
+
+def _shape_text(rows):
+    return f" ({rows} rows/txn)" if rows > 1 else ""
+
+
+def _rate(r):
+    """`5,000/s` or `5,000/s (10 rows/txn)`."""
+    return f"{r['offered_per_s']:,}/s" + _shape_text(r.get("rows_per_txn", 1))
 
 
 def loads_text(loads):
@@ -58,7 +67,7 @@ def _load(r):
 def latency_line(r):
     if "error" in r:
         return f"{r['sink']}: FAILED: {r['error']}"
-    line = (f"{r['sink']} @ {_load(r)}/s offered ({r['achieved_per_s']:,.0f}/s "
+    line = (f"{r['sink']} @ {_rate(r)} offered ({r['achieved_per_s']:,.0f}/s "
             f"achieved): p50 {_ms(r['p50_s'])} ms, p99 {_ms(r['p99_s'])} ms, max ≤ "
             f"{_ms(r['max_le_s'])} ms (histogram)")
     if "exact" in r:
@@ -215,12 +224,12 @@ def goals(res):
             mb = worst["peak_rss_mb"] * 2**20 / 1e6
             v = (f"{'met' if mb < GOAL_RSS_MB else 'NOT met'}: at most "
                  f"{worst['peak_rss_mb']:.1f} MiB ({mb:.1f} MB) while keeping up ("
-                 + ", ".join(f"{r['sink']} {_load(r)}/s: {r['peak_rss_mb']:.1f}"
+                 + ", ".join(f"{r['sink']} {_rate(r)}: {r['peak_rss_mb']:.1f}"
                              for r in kept_up) + " MiB)")
         behind = [r for r in lat if not steady(r)]
         if behind:
             v += ("; while falling behind (events queue up to `sink.max_in_flight`): "
-                  + ", ".join(f"{r['sink']} {_load(r)}/s: {r['peak_rss_mb']:.1f}"
+                  + ", ".join(f"{r['sink']} {_rate(r)}: {r['peak_rss_mb']:.1f}"
                               for r in behind) + " MiB")
         drains = [r["peak_rss_mb"] for p in res.get("phases", []) for r in p["runs"]
                   if r.get("sink") and "peak_rss_mb" in r]
