@@ -339,8 +339,9 @@ const MSG_ID: &str = "Nats-Msg-Id";
 /// A header map holding, without values, every header name a binary-mode event of
 /// outboxd carries, built once and cloned per event. A map built by inserting a dozen
 /// headers into an empty one grows (and rehashes every key) three times per event:
-/// ~10 % of the CPU of a drain to NATS in callgrind. A name left without a value is
-/// not written to the wire. The async-nats API has no `with_capacity`, so the template
+/// ~9 % of a drain's instructions in callgrind (the CPU time on the 2-core bench VM
+/// did not move measurably; see BENCHMARKS.md). A name left without a value is not
+/// written to the wire. The async-nats API has no `with_capacity`, so the template
 /// comes from `HeaderMap`'s public serde form; should that ever change, this falls back
 /// to an empty map (correct, only slower), which the unit test catches.
 fn binary_headers() -> HeaderMap {
@@ -478,7 +479,7 @@ mod tests {
         assert!(binary_headers().iter().all(|(_, v)| v.is_empty()));
         // and an event's encoding gives each of its headers exactly one value
         let (h, _) = encode(&event(), ContentMode::Binary).expect("encodes");
-        let set: Vec<String> = h
+        let mut set: Vec<String> = h
             .iter()
             .filter(|(_, v)| !v.is_empty())
             .map(|(k, v)| {
@@ -486,7 +487,6 @@ mod tests {
                 k.to_string()
             })
             .collect();
-        let mut set = set;
         set.sort();
         assert_eq!(
             set,
