@@ -280,6 +280,25 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// Runs `outboxd args` and asserts it exits 1 with every one of `needles` in its output.
+fn fails_with(args: &[&str], cfg: &str, needles: &[&str]) {
+    let o = outboxd(args, cfg);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    for needle in needles {
+        assert!(
+            text(&o).contains(needle),
+            "{needle:?} missing in: {}",
+            text(&o)
+        );
+    }
+}
+
+/// The URL query that verifies the server's certificate against the test CA.
+fn verify_full(certs: &Certs) -> String {
+    let ca = certs.path("ca.crt").display().to_string();
+    format!("?sslmode=verify-full&sslrootcert={ca}")
+}
+
 /// Waits for the relay to stop on its own; returns its stderr's last line.
 async fn refused(relay: &mut Relay) -> String {
     let status = relay
@@ -303,8 +322,7 @@ async fn verify_full_streams_with_a_least_privilege_role_and_check_passes() {
     let pg = tls_postgres(&certs);
     let nats = Nats::start();
     let pw = password_file(&certs);
-    let ca = certs.path("ca.crt").display().to_string();
-    let query = format!("?sslmode=verify-full&sslrootcert={ca}");
+    let query = verify_full(&certs);
     let cfg = relay_config(&pg, Some(&nats), "outboxd", "localhost", &query, &pw, &[]);
     let sql = outboxd(&["setup"], &cfg);
     assert!(sql.status.success(), "{}", text(&sql));
@@ -377,7 +395,11 @@ async fn verify_full_streams_with_a_least_privilege_role_and_check_passes() {
         &pw,
         &[
             ("postgres.tls", "mode", "\"verify-full\""),
-            ("postgres.tls", "ca_file", &format!("\"{ca}\"")),
+            (
+                "postgres.tls",
+                "ca_file",
+                &format!("\"{}\"", certs.path("ca.crt").display()),
+            ),
         ],
     );
     let o = outboxd(&["check"], &keys);
@@ -463,13 +485,13 @@ async fn a_wrong_ca_is_refused_naming_certificate_verification_and_the_key() {
     assert!(last.contains("certificate verification failed"), "{last}");
     assert!(last.contains("postgres.tls.ca_file"), "{last}");
     // and `check` says the same
-    let o = outboxd(&["check"], &cfg);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        text(&o).contains("FAIL postgres connection")
-            && text(&o).contains("certificate verification failed"),
-        "{}",
-        text(&o)
+    fails_with(
+        &["check"],
+        &cfg,
+        &[
+            "FAIL postgres connection",
+            "certificate verification failed",
+        ],
     );
 }
 
@@ -479,10 +501,10 @@ async fn verify_full_against_a_server_without_tls_is_refused() {
     let certs = Certs::new();
     let pg = Postgres::start();
     pg.create_outbox().await;
-    let ca = certs.path("ca.crt").display().to_string();
     let url = format!(
-        "\"postgres://postgres@localhost:{}/postgres?sslmode=verify-full&sslrootcert={ca}\"",
-        pg.port
+        "\"postgres://postgres@localhost:{}/postgres{}\"",
+        pg.port,
+        verify_full(&certs)
     );
     let cfg = config(&pg, None, &[("postgres", "url", &url)]);
     // When the relay starts with sslmode=verify-full
@@ -509,8 +531,7 @@ async fn a_role_without_replication_is_told_the_alter_role() {
     )
     .await;
     let pw = password_file(&certs);
-    let ca = certs.path("ca.crt").display().to_string();
-    let query = format!("?sslmode=verify-full&sslrootcert={ca}");
+    let query = verify_full(&certs);
     let cfg = relay_config(&pg, None, "norepl", "localhost", &query, &pw, &[]);
     // When the relay starts
     let mut relay = Relay::spawn(&cfg);
@@ -518,13 +539,13 @@ async fn a_role_without_replication_is_told_the_alter_role() {
     let last = refused(&mut relay).await;
     assert!(last.contains("ALTER ROLE norepl REPLICATION"), "{last}");
     // and `check` fails on the same line
-    let o = outboxd(&["check"], &cfg);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        text(&o).contains("FAIL replication privilege")
-            && text(&o).contains("ALTER ROLE norepl REPLICATION"),
-        "{}",
-        text(&o)
+    fails_with(
+        &["check"],
+        &cfg,
+        &[
+            "FAIL replication privilege",
+            "ALTER ROLE norepl REPLICATION",
+        ],
     );
 }
 
@@ -535,22 +556,13 @@ async fn a_role_without_select_is_told_the_grant() {
     let pg = tls_postgres(&certs);
     owner_setup(&pg, "nosel", "REPLICATION", "").await;
     let pw = password_file(&certs);
-    let ca = certs.path("ca.crt").display().to_string();
-    let query = format!("?sslmode=verify-full&sslrootcert={ca}");
+    let query = verify_full(&certs);
     let cfg = relay_config(&pg, None, "nosel", "localhost", &query, &pw, &[]);
     let grant = "GRANT SELECT ON public.outbox TO nosel;";
     // When `check` runs, then it fails naming the GRANT
-    let o = outboxd(&["check"], &cfg);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        text(&o).contains("FAIL table privilege") && text(&o).contains(grant),
-        "{}",
-        text(&o)
-    );
+    fails_with(&["check"], &cfg, &["FAIL table privilege", grant]);
     // When `replay` (which reads the table) runs, then it refuses with the GRANT
-    let o = outboxd(&["replay", "--dry-run"], &cfg);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains(grant), "{}", text(&o));
+    fails_with(&["replay", "--dry-run"], &cfg, &[grant]);
     // When the relay runs: streaming needs no SELECT (the walsender decodes the WAL
     // for a REPLICATION role), so it streams, and warns with the GRANT
     let relay = Relay::spawn(&cfg);
@@ -583,8 +595,7 @@ async fn a_role_that_does_not_own_the_table_is_told_who_creates_the_publication(
     )
     .await;
     let pw = password_file(&certs);
-    let ca = certs.path("ca.crt").display().to_string();
-    let query = format!("?sslmode=verify-full&sslrootcert={ca}");
+    let query = verify_full(&certs);
     let cfg = relay_config(
         &pg,
         None,
@@ -595,9 +606,7 @@ async fn a_role_that_does_not_own_the_table_is_told_who_creates_the_publication(
         &[("postgres", "create_publication", "true")],
     );
     // When `check` runs, then it fails: this role cannot create the publication
-    let o = outboxd(&["check"], &cfg);
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("FAIL publication"), "{}", text(&o));
+    fails_with(&["check"], &cfg, &["FAIL publication"]);
     // When the relay starts, then it stops with the statement for the owner
     let mut relay = Relay::spawn(&cfg);
     let last = refused(&mut relay).await;
@@ -650,12 +659,5 @@ async fn a_client_certificate_authenticates_both_connections() {
     );
     // and without the certificate the server refuses the role: a final error
     let cfg = config(&pg, None, &with_cert[..4]);
-    let o = outboxd(&["check"], &cfg);
-    eprintln!("{}", text(&o));
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(
-        text(&o).contains("FAIL postgres connection"),
-        "{}",
-        text(&o)
-    );
+    fails_with(&["check"], &cfg, &["FAIL postgres connection"]);
 }

@@ -177,17 +177,7 @@ async fn a_kill_during_the_snapshot_redoes_it_and_loses_nothing() {
 
     // Given a backlog large enough to take a while, over few aggregates
     const BACKLOG: i64 = 30_000;
-    pg.client()
-        .await
-        .execute(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at) \
-             SELECT 'Order', 'agg-' || (n % 3), 'OrderUpdated', jsonb_build_object('n', n), \
-                    now() + n * interval '1 microsecond' \
-             FROM generate_series(1, $1::bigint) AS n",
-            &[&BACKLOG],
-        )
-        .await
-        .expect("backlog");
+    insert_backlog(&pg, BACKLOG).await;
     let port = free_port();
     let cfg = config(
         &pg,
@@ -358,17 +348,7 @@ async fn a_snapshot_whose_replication_session_ends_is_taken_again() {
     let nats = Nats::start();
     let js = nats.jetstream().await;
     const BACKLOG: i64 = 20_000;
-    pg.client()
-        .await
-        .execute(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at) \
-             SELECT 'Order', 'agg-' || (n % 3), 'OrderUpdated', jsonb_build_object('n', n), \
-                    now() + n * interval '1 microsecond' \
-             FROM generate_series(1, $1::bigint) AS n",
-            &[&BACKLOG],
-        )
-        .await
-        .expect("backlog");
+    insert_backlog(&pg, BACKLOG).await;
     let port = free_port();
     let mut relay = Relay::spawn(&config(
         &pg,
@@ -427,4 +407,20 @@ async fn a_snapshot_whose_replication_session_ends_is_taken_again() {
         .map(|m| m.header("ce-id").expect("ce-id"))
         .collect();
     assert!(expected.iter().all(|id| seen.contains(id.as_str())));
+}
+
+/// Commits `n` rows over 3 aggregates in one transaction, `payload.n` = 1..=n in
+/// `created_at` order.
+async fn insert_backlog(pg: &Postgres, n: i64) {
+    pg.client()
+        .await
+        .execute(
+            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, created_at) \
+             SELECT 'Order', 'agg-' || (n % 3), 'OrderUpdated', jsonb_build_object('n', n), \
+                    now() + n * interval '1 microsecond' \
+             FROM generate_series(1, $1::bigint) AS n",
+            &[&n],
+        )
+        .await
+        .expect("backlog");
 }
