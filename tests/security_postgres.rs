@@ -299,6 +299,21 @@ fn verify_full(certs: &Certs) -> String {
     format!("?sslmode=verify-full&sslrootcert={ca}")
 }
 
+/// Once the relay streams, inserts a row and asserts it reaches stdout within 30 s.
+async fn relays_a_row(pg: &Postgres, relay: &Relay) {
+    pg.wait_streaming("outboxd").await;
+    let db = pg.client().await;
+    let id = support::insert_event(&db, "o-1", 1).await.expect("insert");
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            relay.stdout().contains(&id)
+        })
+        .await,
+        "the row was not relayed: {}",
+        relay.stderr()
+    );
+}
+
 /// Waits for the relay to stop on its own; returns its stderr's last line.
 async fn refused(relay: &mut Relay) -> String {
     let status = relay
@@ -566,17 +581,7 @@ async fn a_role_without_select_is_told_the_grant() {
     // When the relay runs: streaming needs no SELECT (the walsender decodes the WAL
     // for a REPLICATION role), so it streams, and warns with the GRANT
     let relay = Relay::spawn(&cfg);
-    pg.wait_streaming("outboxd").await;
-    let db = pg.client().await;
-    let id = support::insert_event(&db, "o-1", 1).await.expect("insert");
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            relay.stdout().contains(&id)
-        })
-        .await,
-        "the row was not relayed: {}",
-        relay.stderr()
-    );
+    relays_a_row(&pg, &relay).await;
     assert!(relay.stderr().contains(grant), "{}", relay.stderr());
 }
 
@@ -645,18 +650,8 @@ async fn a_client_certificate_authenticates_both_connections() {
     let o = outboxd(&["check"], &cfg);
     assert!(o.status.success(), "{}", text(&o));
     let relay = Relay::spawn(&cfg);
-    pg.wait_streaming("outboxd").await;
-    let db = pg.client().await;
-    let id = support::insert_event(&db, "o-1", 1).await.expect("insert");
-    // Then the row is relayed
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            relay.stdout().contains(&id)
-        })
-        .await,
-        "the row was not relayed: {}",
-        relay.stderr()
-    );
+    // Then a row is relayed
+    relays_a_row(&pg, &relay).await;
     // and without the certificate the server refuses the role: a final error
     let cfg = config(&pg, None, &with_cert[..4]);
     fails_with(&["check"], &cfg, &["FAIL postgres connection"]);

@@ -153,16 +153,7 @@ async fn snapshot_and_stream_deliver_every_row_exactly_once_in_order() {
     );
     // and only the permanent slot is left
     assert!(
-        wait_for(Duration::from_secs(10), || async {
-            pg.client()
-                .await
-                .query_one("SELECT count(*) FROM pg_replication_slots", &[])
-                .await
-                .expect("slots")
-                .get::<_, i64>(0)
-                == 1
-        })
-        .await,
+        slots_become(&pg, 1, Duration::from_secs(10)).await,
         "the temporary slot outlived its session"
     );
     drop(relays);
@@ -207,16 +198,7 @@ async fn a_kill_during_the_snapshot_redoes_it_and_loses_nothing() {
     assert!(published_before < BACKLOG as u64);
     // the temporary slot goes with its session, and no permanent slot exists
     assert!(
-        wait_for(Duration::from_secs(30), || async {
-            pg.client()
-                .await
-                .query_one("SELECT count(*) FROM pg_replication_slots", &[])
-                .await
-                .expect("slots")
-                .get::<_, i64>(0)
-                == 0
-        })
-        .await,
+        slots_become(&pg, 0, Duration::from_secs(30)).await,
         "a slot survived the killed snapshot"
     );
 
@@ -423,4 +405,18 @@ async fn insert_backlog(pg: &Postgres, n: i64) {
         )
         .await
         .expect("backlog");
+}
+
+/// Whether the number of replication slots becomes `n` within `timeout`.
+async fn slots_become(pg: &Postgres, n: i64, timeout: Duration) -> bool {
+    wait_for(timeout, || async {
+        pg.client()
+            .await
+            .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+            .await
+            .expect("slots")
+            .get::<_, i64>(0)
+            == n
+    })
+    .await
 }
