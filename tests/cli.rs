@@ -1,7 +1,7 @@
 //! Black-box: the command line. Bad configuration, `check`, `setup`, `--help`, and
 //! the stdout sink (the relay with nothing but Postgres).
 
-mod support;
+use crate::support;
 
 use std::process::{Command, Output};
 use std::time::Duration;

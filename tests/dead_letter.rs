@@ -1,7 +1,7 @@
 //! Black-box: poison rows and rejected events go where the config says (dead-letter
 //! subject by default, or halt), are counted, and never stall or vanish.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

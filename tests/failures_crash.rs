@@ -8,7 +8,7 @@
 //! order of an aggregate's events can be read back from the stream; the set of
 //! committed ids comes from the table itself, never from what a writer believes.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! bounded by `sink.max_in_flight`, not by the transaction's size, and without a
 //! `wal_sender_timeout` disconnect while the broker works through it.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

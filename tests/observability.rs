@@ -1,7 +1,7 @@
 //! Black-box: `/metrics`, `/healthz`, `/readyz`, `/status` and heartbeats, against
 //! real Postgres and nats-server.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! routing, keys, partitions, both content modes, and SIGKILL of the relay.
 //! Broker outages, oversized events and `outboxd check`: `relay_kafka_faults.rs`.
 
-mod support;
+use crate::support;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

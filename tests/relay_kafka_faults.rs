@@ -3,7 +3,7 @@
 //! cluster), an event over the size limit, and `outboxd check` against a live and a
 //! dead broker.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::time::Duration;

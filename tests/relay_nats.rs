@@ -1,6 +1,6 @@
 //! Black-box: outbox rows in a real Postgres reach a real JetStream as CloudEvents.
 
-mod support;
+use crate::support;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

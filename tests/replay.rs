@@ -1,7 +1,7 @@
 //! Black-box: `outboxd replay` republishes exactly the selected rows, with their
 //! original ids, in order, without touching the slot.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::process::Command;

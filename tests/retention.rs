@@ -4,7 +4,7 @@
 //! never published; a missing DELETE privilege is logged with its fix while
 //! relaying goes on.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -8,7 +8,7 @@
 //! secret value: the logs, `outboxd check` (passing and failing), `/status`,
 //! `/metrics`, `--help`, and configuration errors.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

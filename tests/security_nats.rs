@@ -11,7 +11,7 @@
 //!   operator, account and user JWTs the test signs with the `nkeys` crate (no
 //!   `nsc`); a user of an untrusted account is refused.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

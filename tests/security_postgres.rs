@@ -5,7 +5,7 @@
 //! table owner). outboxd streams with `verify-full`, and refuses with a clear error
 //! on a wrong CA, on a server without TLS, and on a missing privilege.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

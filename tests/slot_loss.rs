@@ -1,7 +1,7 @@
 //! Black-box: a replication slot that was invalidated or dropped is never replaced
 //! silently (that would hide a gap); `--allow-new-slot` accepts the gap explicitly.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! instances racing to create the slot; a SIGKILL during the snapshot is survived;
 //! without the option, old rows stay unpublished as before.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! are ready standbys; SIGKILL and SIGTERM hand the slot over while rows are written,
 //! and every row still arrives in per-aggregate order.
 
-mod support;
+use crate::support;
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};

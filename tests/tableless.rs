@@ -1,7 +1,7 @@
 //! Black-box: the table-less outbox (`pg_logical_emit_message`) and the
 //! insert-and-delete pattern, against real Postgres and nats-server.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::Duration;

@@ -1,0 +1,27 @@
+//! The black-box tests, one module per area, in one test binary: the harness in
+//! `support` (real PostgreSQL, nats-server and tansu processes on free ports) compiles
+//! once, and `cargo test` links one executable instead of one per file.
+//!
+//! Run one area with a filter: `cargo test --test main relay_nats::`.
+
+mod support;
+
+mod cli;
+mod dead_letter;
+mod failures_connections;
+mod failures_crash;
+mod failures_edges;
+mod huge_transaction;
+mod observability;
+mod relay_kafka;
+mod relay_kafka_faults;
+mod relay_nats;
+mod replay;
+mod retention;
+mod secrets;
+mod security_nats;
+mod security_postgres;
+mod slot_loss;
+mod snapshot;
+mod standby;
+mod tableless;
