@@ -303,14 +303,20 @@ pub fn encode(
     match mode {
         ContentMode::Structured => {
             let mut h = HeaderMap::new();
-            h.insert(HeaderName::from_static(MSG_ID), event.id());
+            h.insert(
+                HeaderName::from_static(MSG_ID),
+                header_value(event.id()).as_ref(),
+            );
             h.insert("content-type", "application/cloudevents+json");
             let body = super::structured_json(event).map_err(encode_err)?;
             Ok((h, Bytes::from(body)))
         }
         ContentMode::Binary => {
             let mut h = binary_headers();
-            h.append(HeaderName::from_static(MSG_ID), event.id());
+            h.append(
+                HeaderName::from_static(MSG_ID),
+                header_value(event.id()).as_ref(),
+            );
             for (name, value) in event.iter_attributes() {
                 let value = header_text(super::attribute_text(&value));
                 if name == "datacontenttype" {
@@ -333,7 +339,13 @@ pub fn encode(
     }
 }
 
-/// JetStream's dedup header.
+/// JetStream's dedup header. Its value is the event id percent-encoded like every other
+/// header value: nats-server reads the value up to the first CR LF and skips leading
+/// spaces, so a raw id could end the header early (and forge another id, which then
+/// shadows a real later event as a "duplicate"), or collide with another id that
+/// differs only by leading spaces. The encoding is injective: an id without a byte
+/// that needs encoding is sent as it is and never contains `%`; every other id's
+/// encoding does.
 const MSG_ID: &str = "Nats-Msg-Id";
 
 /// A header map holding, without values, every header name a binary-mode event of
@@ -509,6 +521,30 @@ mod tests {
             h.get("ce-traceparent").map(|v| v.as_str()),
             Some("00-abc-01")
         );
+    }
+
+    #[test]
+    fn an_id_cannot_end_its_msg_id_header_or_lose_its_spaces() {
+        use cloudevents::AttributesWriter as _;
+        // Given ids with CR/LF, a leading space, and a '%'
+        for (id, msg_id) in [
+            ("a\r\nX-A: b", "a%0D%0AX-A:%20b"),
+            (" a", "%20a"),
+            ("a%20", "a%2520"),
+            ("plain-id_1", "plain-id_1"),
+        ] {
+            let mut e = event();
+            e.set_id(id);
+            // Then both content modes send the same, encoded, Nats-Msg-Id
+            for mode in [ContentMode::Binary, ContentMode::Structured] {
+                let (h, _) = encode(&e, mode).expect("encodes");
+                assert_eq!(
+                    h.get(HeaderName::from_static(MSG_ID)).map(|v| v.as_str()),
+                    Some(msg_id),
+                    "{id:?} {mode:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -1,0 +1,167 @@
+//! Black-box: rows written by a hostile or careless application cannot change how a
+//! broker message is framed, and rows the broker can never accept are dead-lettered
+//! instead of retried forever (README, "Failure behaviour"). Real PostgreSQL and
+//! nats-server (stock limits: `max_payload` 1 MB, control line 4 KB, JetStream
+//! headers below 64 KB).
+
+use crate::support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use support::{config, read_stream, stream_len, wait_for, Nats, Postgres, Received, Relay};
+
+/// An outbox with a text id (so an id can carry control characters) and a `json`
+/// headers column (unlike `jsonb`, it keeps a `\u0000` escape).
+const TEXT_ID_OUTBOX: &str = "CREATE TABLE public.outbox (
+    id text PRIMARY KEY,
+    aggregate_type text NOT NULL,
+    aggregate_id text NOT NULL,
+    event_type text NOT NULL,
+    payload jsonb NOT NULL,
+    headers json,
+    created_at timestamptz NOT NULL DEFAULT now()
+)";
+
+/// Percent-decoding of a header value (the CloudEvents binding's encoding).
+fn decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).expect("ascii");
+            out.push(u8::from_str_radix(hex, 16).expect("hex after %"));
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).expect("utf-8 after decoding")
+}
+
+/// The messages whose decoded `ce-id` is `id`.
+fn by_id<'a>(msgs: &'a [Received], id: &str) -> Vec<&'a Received> {
+    msgs.iter()
+        .filter(|m| m.header("ce-id").map(decode).as_deref() == Some(id))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_values_cannot_inject_nats_headers_or_shadow_a_later_event() {
+    // Given a relay to a stock nats-server, on an outbox with text ids
+    let pg = Postgres::start();
+    pg.client()
+        .await
+        .batch_execute(TEXT_ID_OUTBOX)
+        .await
+        .expect("ddl");
+    let nats = Nats::start();
+    let _relay = Relay::spawn(&config(&pg, Some(&nats), &[]));
+    pg.wait_streaming("outboxd").await;
+
+    // When rows carry CR, LF, other control characters and a NUL in every value that
+    // reaches a header, then the real event whose id the first row tried to forge
+    let db = pg.client().await;
+    let hostile: [(&str, &str, &str, &str, Option<&str>); 5] = [
+        // (id, aggregate_type, aggregate_id, event_type, headers)
+        (
+            "order-1002-paid\r\nX-A: b",
+            "Order",
+            "o-1",
+            "OrderPaid",
+            None,
+        ),
+        (
+            "e-2",
+            "Ord\r\ner\u{1}",
+            "o-2\r\nX-B: c",
+            "Created\r\nX-C: d",
+            None,
+        ),
+        (
+            "e-3",
+            "Order",
+            "o-3",
+            "Created",
+            Some(
+                r#"{"traceparent": "x\r\nX-D: e", "tenant": "t\u0001\u0000\u007f", "x\r\ny": "bad name"}"#,
+            ),
+        ),
+        ("e-4\u{7}\t ", "Order", "o-4", "Created", None),
+        ("order-1002-paid", "Order", "o-1", "OrderPaid", None),
+    ];
+    for (id, agg_type, agg_id, ty, headers) in hostile {
+        db.execute(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers) \
+             VALUES ($1, $2, $3, $4, '{\"n\": 1}', $5::text::json)",
+            &[&id, &agg_type, &agg_id, &ty, &headers],
+        )
+        .await
+        .expect("insert");
+    }
+
+    // Then every row arrives as its own message (none was taken for a duplicate)
+    let js = nats.jetstream().await;
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            stream_len(&js, "OUTBOX").await >= 5
+        })
+        .await,
+        "expected 5 messages, got {}",
+        stream_len(&js, "OUTBOX").await
+    );
+    let msgs = read_stream(&js, "OUTBOX").await;
+    assert_eq!(msgs.len(), 5, "{msgs:#?}");
+    for (id, agg_type, agg_id, ty, _) in hostile {
+        let found = by_id(&msgs, id);
+        assert_eq!(found.len(), 1, "id {id:?}: {msgs:#?}");
+        let m = found[0];
+        // and every value is carried faithfully: percent-encoded in its header
+        assert_eq!(m.header("ce-subject").map(decode).as_deref(), Some(agg_id));
+        assert_eq!(m.header("ce-type").map(decode).as_deref(), Some(ty));
+        // the Nats-Msg-Id is the id, encoded the same way (so JetStream dedups by it)
+        assert_eq!(m.header("Nats-Msg-Id").map(decode).as_deref(), Some(id));
+        // and the subject is one token under outbox.
+        let token = m.subject.strip_prefix("outbox.").expect("outbox. subject");
+        assert!(
+            !token.contains('.') && !token.chars().any(|c| c.is_control() || c == ' '),
+            "subject {:?} of {agg_type:?}",
+            m.subject
+        );
+    }
+    // and no header was injected, on any message
+    let allowed =
+        |name: &str| name == "Nats-Msg-Id" || name == "content-type" || name.starts_with("ce-");
+    for m in &msgs {
+        let names: Vec<&String> = m.headers.keys().filter(|n| !allowed(n)).collect();
+        assert!(names.is_empty(), "injected headers {names:?} in {m:#?}");
+        for (name, value) in &m.headers {
+            assert!(
+                !value.chars().any(|c| c.is_control() || c == ' '),
+                "header {name} carries a raw control character or space: {value:?}"
+            );
+        }
+    }
+    // and header members keep their values, control characters and NUL included
+    let m = by_id(&msgs, "e-3")[0];
+    assert_eq!(
+        m.header("ce-traceparent").map(decode).as_deref(),
+        Some("x\r\nX-D: e")
+    );
+    assert_eq!(
+        m.header("ce-tenant").map(decode).as_deref(),
+        Some("t\u{1}\u{0}\u{7f}")
+    );
+    // while a member whose name is not an attribute name is left out
+    let names: HashMap<&str, &str> = m
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert!(
+        !names.keys().any(|k| k.contains('x') && k.contains('y')),
+        "{names:?}"
+    );
+}
