@@ -165,3 +165,82 @@ async fn row_values_cannot_inject_nats_headers_or_shadow_a_later_event() {
         "{names:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_that_are_not_utf8_are_dead_lettered_with_the_reason() {
+    // Given a database whose encoding (SQL_ASCII) lets text hold any byte
+    let pg = Postgres::start();
+    pg.client()
+        .await
+        .batch_execute(
+            "CREATE DATABASE ascii TEMPLATE template0 ENCODING 'SQL_ASCII' \
+             LC_COLLATE 'C' LC_CTYPE 'C'",
+        )
+        .await
+        .expect("create database");
+    let url = format!("postgres://postgres@127.0.0.1:{}/ascii", pg.port);
+    let (db, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    db.batch_execute(TEXT_ID_OUTBOX).await.expect("ddl");
+    let nats = Nats::start();
+    let pg_url = format!("\"{url}\"");
+    let _relay = Relay::spawn(&config(&pg, Some(&nats), &[("postgres", "url", &pg_url)]));
+    assert!(
+        wait_for(Duration::from_secs(60), || async {
+            db.query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'outboxd' AND active",
+                &[],
+            )
+            .await
+            .expect("slot")
+            .is_some()
+        })
+        .await,
+        "no relay streams"
+    );
+
+    // When rows carry a byte that is not UTF-8 in the id, the aggregate type and id,
+    // and the event type, followed by a good row of the same aggregate
+    for (id, agg_type, agg_id, ty) in [
+        (r"id-\xff", "Order", "o-1", "T"),
+        ("bad-type", r"Ord\xfe", "o-1", "T"),
+        ("bad-agg", "Order", r"o-\xff", "T"),
+        ("bad-event", "Order", "o-1", r"T\xff"),
+        ("good", "Order", "o-1", "T"),
+    ] {
+        db.batch_execute(&format!(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) \
+             VALUES (E'{id}', E'{agg_type}', E'{agg_id}', E'{ty}', '{{}}')"
+        ))
+        .await
+        .expect("insert");
+    }
+
+    // Then each bad row is a dead letter naming what is not UTF-8, the good one arrives
+    let js = nats.jetstream().await;
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            stream_len(&js, "OUTBOX").await >= 5
+        })
+        .await,
+        "expected 5 messages, got {}",
+        stream_len(&js, "OUTBOX").await
+    );
+    let msgs = read_stream(&js, "OUTBOX").await;
+    let dead: Vec<&Received> = msgs
+        .iter()
+        .filter(|m| m.subject == "outbox.deadletter")
+        .collect();
+    assert_eq!(dead.len(), 4, "{msgs:#?}");
+    for m in &dead {
+        assert_eq!(m.header("ce-deadletterreason"), Some("invalid_row"));
+        let d: serde_json::Value = serde_json::from_slice(&m.payload).expect("json");
+        assert!(
+            d["error"].as_str().is_some_and(|e| e.contains("not UTF-8")),
+            "{d}"
+        );
+    }
+    assert_eq!(msgs.last().and_then(|m| m.header("ce-id")), Some("good"));
+}

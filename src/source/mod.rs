@@ -190,7 +190,29 @@ impl Stream {
     /// Opens a replication connection and starts streaming after `start_lsn`.
     pub async fn start(cfg: &Config, start_lsn: u64) -> Result<Self, SourceError> {
         let (rcfg, explain) = replication_config(cfg, start_lsn)?;
-        let mut client = ReplicationClient::connect(rcfg).await.map_err(&explain)?;
+        let mut client = ReplicationClient::connect_gated(rcfg)
+            .await
+            .map_err(&explain)?;
+        // A SQL_ASCII database stores text as bytes, unchecked; sent to a UTF8 client
+        // (the replication session's default) a row that is not UTF-8 makes the
+        // walsender fail, every time it is decoded: the slot could never move past it.
+        // Raw bytes instead let the row reach us, where it is a poison row ("not UTF-8").
+        let encoding = client
+            .simple_query("SHOW server_encoding")
+            .await
+            .map_err(&explain)?;
+        let sql_ascii = encoding
+            .first()
+            .and_then(|row| row.first())
+            .and_then(|v| v.as_deref())
+            == Some(&b"SQL_ASCII"[..]);
+        if sql_ascii {
+            client
+                .simple_query("SET client_encoding = 'SQL_ASCII'")
+                .await
+                .map_err(&explain)?;
+        }
+        client.start().await.map_err(&explain)?;
         client.wait_started().await.map_err(&explain)?;
         let (schema, name) = split_table(&cfg.postgres.table);
         Ok(Self {
