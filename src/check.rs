@@ -276,7 +276,7 @@ async fn sink_check(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
     };
     let label = format!("{name} broker");
     vec![
-        match tokio::time::timeout(BROKER_TIMEOUT, Sink::connect(cfg)).await {
+        match tokio::time::timeout(BROKER_TIMEOUT, Sink::connect(cfg, None)).await {
             Ok(Ok(_)) => check(
                 &label,
                 true,

@@ -571,6 +571,20 @@ pub struct HttpConfig {
     pub basic_auth_password: Secret,
     /// File holding the basic auth password; overrides `basic_auth_password`.
     pub basic_auth_password_file: Option<PathBuf>,
+    /// What `/readyz` requires: `sidecar` (default: ready unless an operator must act;
+    /// outages do not take the pod out of service) or `strict` (also not ready while
+    /// publishes fail or the relay is not streaming or standing by).
+    pub readiness: ReadinessMode,
+}
+
+/// `http.readiness`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadinessMode {
+    /// Ready unless an operator must act.
+    Sidecar,
+    /// Also not ready while publishing fails or the relay does not stream.
+    Strict,
 }
 
 impl Default for HttpConfig {
@@ -582,6 +596,7 @@ impl Default for HttpConfig {
             basic_auth_user: String::new(),
             basic_auth_password: Secret::default(),
             basic_auth_password_file: None,
+            readiness: ReadinessMode::Sidecar,
         }
     }
 }

@@ -82,10 +82,22 @@ async fn healthz(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
 }
 
 async fn readyz(State(t): State<Arc<Telemetry>>) -> impl IntoResponse {
-    if t.health.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+    match t.health.readiness() {
+        // A sidecar stays ready through an outage, but says so.
+        Ok(()) => match t.health.sink_failing() {
+            Some((since, attempts)) => (
+                StatusCode::OK,
+                format!(
+                    "ready; publishing fails since {} ({attempts} failed attempts)\n",
+                    since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ),
+            ),
+            None => (StatusCode::OK, "ready\n".to_string()),
+        },
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 

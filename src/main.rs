@@ -9,8 +9,8 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use outboxd::config::{Config, LogFormat};
-use outboxd::health::{Health, Telemetry};
+use outboxd::config::{Config, LogFormat, ReadinessMode};
+use outboxd::health::{Health, Readiness, Telemetry};
 use outboxd::metrics::Metrics;
 
 /// Exit code for a configuration error (sysexits EX_CONFIG).
@@ -245,7 +245,14 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     tracing::info!(version = env!("CARGO_PKG_VERSION"), sink = ?cfg.sink.kind, slot = %cfg.postgres.slot, http = %cfg.http.listen, "outboxd starting");
     let telemetry = Arc::new(Telemetry {
         metrics: Metrics::new()?,
-        health: Health::new(&cfg.postgres.slot, &cfg.postgres.publication),
+        health: Health::new(
+            &cfg.postgres.slot,
+            &cfg.postgres.publication,
+            match cfg.http.readiness {
+                ReadinessMode::Sidecar => Readiness::Sidecar,
+                ReadinessMode::Strict => Readiness::Strict,
+            },
+        ),
     });
     // The endpoints keep answering while the relay drains; they stop after it.
     let http_stop = CancellationToken::new();

@@ -62,6 +62,8 @@ pub struct Metrics {
     pub reconnects: IntCounterVec,
     /// 1 while this instance streams from the slot.
     pub streaming: IntGauge,
+    /// 1 while publishes fail (and are retried), 0 once one succeeds again.
+    pub sink_failing: IntGauge,
     /// Times this instance started or stopped streaming.
     pub leadership_changes: IntCounter,
     /// The slot's confirmed flush LSN as a number.
@@ -179,6 +181,10 @@ impl Metrics {
             streaming: reg!(IntGauge::new(
                 "outboxd_streaming",
                 "1 while this instance streams from the replication slot, else 0."
+            )?),
+            sink_failing: reg!(IntGauge::new(
+                "outboxd_sink_failing",
+                "1 while publishes to the broker fail and are retried, 0 once one succeeds."
             )?),
             leadership_changes: reg!(IntCounter::new(
                 "outboxd_leadership_changes_total",

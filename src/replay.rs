@@ -213,7 +213,7 @@ pub async fn run(cfg: &Config, sel: &Selection, dry_run: bool) -> Result<Summary
         None
     } else {
         Some(
-            Sink::connect(cfg)
+            Sink::connect(cfg, None)
                 .await
                 .map_err(|source| ReplayError::Sink {
                     id: "-".into(),

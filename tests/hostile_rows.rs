@@ -244,3 +244,95 @@ async fn values_that_are_not_utf8_are_dead_lettered_with_the_reason() {
     }
     assert_eq!(msgs.last().and_then(|m| m.header("ce-id")), Some("good"));
 }
+
+/// Inserts one row of aggregate `agg` with a payload of `pad` bytes and `headers`.
+async fn insert_sized(
+    db: &tokio_postgres::Client,
+    agg_type: &str,
+    agg: &str,
+    n: i64,
+    pad: i32,
+    headers: Option<&str>,
+) -> String {
+    db.query_one(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, headers) \
+         VALUES ($1, $2, 'T', jsonb_build_object('n', $3::bigint, 'pad', repeat('x', $4::int)), \
+                 $5::text::jsonb) RETURNING id::text",
+        &[&agg_type, &agg, &n, &pad, &headers],
+    )
+    .await
+    .expect("insert")
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_a_stock_nats_server_cannot_take_are_dead_lettered_not_retried() {
+    // Given a relay to a stock nats-server (max_payload 1 MB, 4 KB control line)
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let nats = Nats::start();
+    let relay = Relay::spawn(&config(&pg, Some(&nats), &[]));
+    pg.wait_streaming("outboxd").await;
+
+    // When an aggregate's second event is 5 MB, another's headers member is 2 MB, an
+    // aggregate type is 5,000 characters and an aggregate id 100 KB, each followed by
+    // a normal event of the same aggregate
+    let db = pg.client().await;
+    let big_header = format!(r#"{{"big": "{}"}}"#, "h".repeat(2 << 20));
+    let long_type = "T".repeat(5000);
+    let long_id = "i".repeat(100 * 1024);
+    let mut oversized = Vec::new();
+    let mut normal = Vec::new();
+    normal.push(insert_sized(&db, "Order", "o-1", 1, 10, None).await);
+    oversized.push(insert_sized(&db, "Order", "o-1", 2, 5 << 20, None).await);
+    normal.push(insert_sized(&db, "Order", "o-1", 3, 10, None).await);
+    oversized.push(insert_sized(&db, "Order", "o-2", 1, 10, Some(&big_header)).await);
+    normal.push(insert_sized(&db, "Order", "o-2", 2, 10, None).await);
+    oversized.push(insert_sized(&db, &long_type, "o-3", 1, 10, None).await);
+    normal.push(insert_sized(&db, "Order", "o-3", 2, 10, None).await);
+    oversized.push(insert_sized(&db, "Order", &long_id, 1, 10, None).await);
+    normal.push(insert_sized(&db, "Order", "o-4", 1, 10, None).await);
+    let (marker, before_marker) = support::faults::commit_marker(&pg).await;
+    normal.push(marker);
+
+    // Then the slot moves past all of them
+    support::faults::wait_confirmed_past(&pg, before_marker, Duration::from_secs(60)).await;
+    // and each oversized event is a small dead letter with its reason, sizes and position
+    let js = nats.jetstream().await;
+    let msgs = read_stream(&js, "OUTBOX").await;
+    let (dead, delivered): (Vec<&Received>, Vec<&Received>) =
+        msgs.iter().partition(|m| m.subject == "outbox.deadletter");
+    let ids = |ms: &[&Received]| -> std::collections::BTreeSet<String> {
+        ms.iter()
+            .filter_map(|m| m.header("ce-id").map(str::to_string))
+            .collect()
+    };
+    assert_eq!(
+        ids(&dead),
+        oversized.iter().cloned().collect(),
+        "{}",
+        relay.stderr()
+    );
+    for m in &dead {
+        assert_eq!(m.header("ce-deadletterreason"), Some("too_large"));
+        assert!(m.payload.len() < 64 * 1024, "{} bytes", m.payload.len());
+        let d: serde_json::Value = serde_json::from_slice(&m.payload).expect("json");
+        assert!(
+            d["error"].as_str().is_some_and(|e| e.contains("bytes")),
+            "{d}"
+        );
+        assert!(
+            d["position"]["commit_lsn"]
+                .as_str()
+                .is_some_and(|l| l != "0/0"),
+            "{d}"
+        );
+    }
+    // and every normal event arrived, in order per aggregate
+    assert_eq!(ids(&delivered), normal.iter().cloned().collect());
+    let delivered: Vec<Received> = delivered.into_iter().cloned().collect();
+    support::assert_per_aggregate_order(&delivered);
+    // without the server ever dropping the connection
+    let lost = support::faults::relay_log_lines(&relay.stderr(), "nats connection lost");
+    assert!(lost.is_empty(), "{lost:?}");
+}

@@ -120,7 +120,8 @@ async fn run_sessions(
     t: &Telemetry,
     shutdown: &CancellationToken,
 ) -> Result<(), RelayError> {
-    let connect = || Sink::connect(cfg);
+    let reconnects = t.metrics.reconnects.with_label_values(&["broker"]);
+    let connect = || Sink::connect(cfg, Some(reconnects.clone()));
     let Some(sink) = retrying(cfg, t, shutdown, "connect to the broker", "broker", connect).await?
     else {
         return Ok(());
@@ -319,6 +320,7 @@ async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), Rela
     // (within the shutdown deadline): a transaction whose rows were all acknowledged
     // but whose Commit was never read cannot be confirmed, and would be sent again.
     let mut stop_by: Option<tokio::time::Instant> = None;
+    let mut last_summary = tokio::time::Instant::now();
     let outcome: Result<(), RelayError> = loop {
         let held = in_flight.len() + gate.parked();
         if let Some(deadline) = stop_by {
@@ -335,6 +337,7 @@ async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), Rela
             _ = tokio::time::sleep_until(stop_by.unwrap_or_else(tokio::time::Instant::now)), if stop_by.is_some() => continue,
             _ = ticker.tick() => {
                 t.health.tick();
+                summarise_failure(t, &mut last_summary);
                 let lag = progress.oldest_commit_micros().map_or(0.0, |c| {
                     (chrono::Utc::now().timestamp_micros() - c).max(0) as f64 / 1e6
                 });
@@ -474,6 +477,7 @@ fn on_result(
     let (m, sink) = (&ctx.t.metrics, ctx.sink.name());
     match result {
         Ok(delivered) => {
+            sink_recovered(ctx.t);
             acknowledged(ctx.t, sink, &item, &delivered);
             if let Some(lsn) = progress.ack(item.txn) {
                 confirm_txns(stream, ctx.t, progress, lsn);
@@ -484,11 +488,9 @@ fn on_result(
             Ok(())
         }
         Err(e) if e.is_retryable() => {
-            m.publish_errors
-                .with_label_values(&[sink, e.reason()])
-                .inc();
             let wait = backoff::delay(&ctx.cfg.retry, item.attempt);
-            tracing::warn!(event_id = %item.env.event.id(), attempt = item.attempt + 1, reason = e.reason(), error = %e, retry_in_ms = wait.as_millis() as u64, "publish failed; retrying");
+            publish_failed(ctx.t, &e);
+            tracing::debug!(event_id = %item.env.event.id(), attempt = item.attempt + 1, reason = e.reason(), error = %e, retry_in_ms = wait.as_millis() as u64, "publish failed; retrying");
             let item = Item {
                 attempt: item.attempt.saturating_add(1),
                 ..item
@@ -500,17 +502,28 @@ fn on_result(
             m.publish_errors
                 .with_label_values(&[sink, e.reason()])
                 .inc();
-            let env = rejected(ctx, &item.env, &e, "event")?;
-            // Same transaction, same aggregate key (still held): order is kept.
-            in_flight.push(deliver(
-                ctx,
-                Item {
-                    env,
-                    attempt: 0,
-                    ..item
-                },
-                Duration::ZERO,
-            ));
+            ctx.t.health.set_error(Some(e.to_string()));
+            match rejected(ctx, &item.env, &e, "event")? {
+                // Same transaction, same aggregate key (still held): order is kept.
+                Some(env) => in_flight.push(deliver(
+                    ctx,
+                    Item {
+                        env,
+                        attempt: 0,
+                        ..item
+                    },
+                    Duration::ZERO,
+                )),
+                // Recorded in the log: handled, like an ack.
+                None => {
+                    if let Some(lsn) = progress.ack(item.txn) {
+                        confirm_txns(stream, ctx.t, progress, lsn);
+                    }
+                    if let Some(next) = gate.release(&item.env.aggregate_id) {
+                        in_flight.push(deliver(ctx, next, Duration::ZERO));
+                    }
+                }
+            }
             Ok(())
         }
         Err(e) => {
@@ -523,16 +536,31 @@ fn on_result(
 }
 
 /// The `sink.on_rejected` policy for an event the broker refused for good: the dead
-/// letter to send in its place, or the halt. `what` names the event in the log.
+/// letter to send in its place, the halt, or `None` when the event was a dead letter
+/// that is itself too large: it is then recorded in the log (it carries no payload,
+/// see `deadletter`) and counted, and the stream moves on. `what` names the event in
+/// the log.
 fn rejected(
     ctx: &Ctx<'_>,
     env: &Envelope,
     e: &SinkError,
     what: &str,
-) -> Result<Envelope, RelayError> {
+) -> Result<Option<Envelope>, RelayError> {
     let m = &ctx.t.metrics;
     let id = env.event.id().to_string();
-    // A dead letter that is itself refused cannot go anywhere: halt, keep it.
+    if env.dead_letter && e.reason() == "too_large" {
+        m.poison_events
+            .with_label_values(&[e.reason(), "logged"])
+            .inc();
+        let record = match env.event.data() {
+            Some(cloudevents::Data::Json(v)) => v.to_string(),
+            _ => String::new(),
+        };
+        tracing::error!(event_id = %id, error = %e, dead_letter = %record, "the dead letter does not fit the broker either; it is recorded in this log line instead and the stream moves on");
+        return Ok(None);
+    }
+    // A dead letter refused for another reason (its destination is off limits or
+    // invalid) cannot go anywhere until an operator fixes that: halt, keep it.
     if ctx.cfg.sink.on_rejected == PoisonPolicy::Halt || env.dead_letter {
         m.poison_events
             .with_label_values(&[e.reason(), "halt"])
@@ -548,12 +576,61 @@ fn rejected(
         .with_label_values(&[e.reason(), "dead_letter"])
         .inc();
     tracing::warn!(event_id = %id, reason = e.reason(), error = %e, "broker rejected {what}; sending it to the dead-letter destination");
-    Ok(deadletter::for_rejected(
+    Ok(Some(deadletter::for_rejected(
         env,
         e.reason(),
         &e.to_string(),
         &ctx.cfg.cloudevents,
-    ))
+    )))
+}
+
+/// A publish attempt failed and is retried: counted, and logged once when the sink
+/// starts failing (then summarised every [`FAILING_SUMMARY`] by the loop), not once
+/// per event and attempt: a broker outage with 1,000 events in flight would
+/// otherwise write thousands of lines a minute.
+fn publish_failed(t: &Telemetry, e: &SinkError) {
+    t.metrics
+        .publish_errors
+        .with_label_values(&[e.sink(), e.reason()])
+        .inc();
+    if t.health.sink_failed(e.to_string()) {
+        t.metrics.sink_failing.set(1);
+        tracing::warn!(reason = e.reason(), error = %e, "publishing fails; events are retried with backoff, in order, until the broker takes them (attempts are counted in outboxd_publish_errors_total)");
+    }
+}
+
+/// A publish succeeded: ends (and logs the end of) a failure of the sink.
+fn sink_recovered(t: &Telemetry) {
+    if let Some(r) = t.health.sink_recovered() {
+        t.metrics.sink_failing.set(0);
+        tracing::info!(
+            failed_attempts = r.failed_attempts,
+            seconds = r.seconds,
+            "publishing recovered"
+        );
+    }
+}
+
+/// While the sink fails, one summary line this often.
+const FAILING_SUMMARY: Duration = Duration::from_secs(60);
+
+/// The summary line of a failing sink, at most every [`FAILING_SUMMARY`].
+fn summarise_failure(t: &Telemetry, last: &mut tokio::time::Instant) {
+    let Some((since, attempts)) = t.health.sink_failing() else {
+        return;
+    };
+    if last.elapsed() < FAILING_SUMMARY {
+        return;
+    }
+    *last = tokio::time::Instant::now();
+    let seconds = (chrono::Utc::now() - since).num_seconds();
+    let error = t.health.report().sink.error.unwrap_or_default();
+    tracing::warn!(
+        failing_for_secs = seconds,
+        failed_attempts = attempts,
+        latest_error = %error,
+        "publishing still fails; retrying"
+    );
 }
 
 /// Counters of one delivered envelope: published, dead letters, broker duplicates.

@@ -185,17 +185,16 @@ async fn publish(
         ctx.t.health.tick();
         match result {
             Ok(delivered) => {
+                super::sink_recovered(ctx.t);
                 super::delivered(ctx.t, sink, &env, &delivered);
                 m.snapshot_events.inc();
                 return Ok(true);
             }
             Err(e) if e.is_retryable() => {
-                m.publish_errors
-                    .with_label_values(&[sink, e.reason()])
-                    .inc();
+                super::publish_failed(ctx.t, &e);
                 let wait = backoff::delay(&ctx.cfg.retry, attempt);
                 attempt = attempt.saturating_add(1);
-                tracing::warn!(event_id = %env.event.id(), attempt, reason = e.reason(), error = %e, retry_in_ms = wait.as_millis() as u64, "initial snapshot: publish failed; retrying");
+                tracing::debug!(event_id = %env.event.id(), attempt, reason = e.reason(), error = %e, retry_in_ms = wait.as_millis() as u64, "initial snapshot: publish failed; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(false),
                     _ = tokio::time::sleep(wait) => {}
@@ -205,7 +204,10 @@ async fn publish(
                 m.publish_errors
                     .with_label_values(&[sink, e.reason()])
                     .inc();
-                env = super::rejected(ctx, &env, &e, "an initial snapshot event")?;
+                match super::rejected(ctx, &env, &e, "an initial snapshot event")? {
+                    Some(dead_letter) => env = dead_letter,
+                    None => return Ok(true),
+                }
                 attempt = 0;
             }
             Err(e) => {

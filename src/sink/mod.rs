@@ -19,6 +19,7 @@ use std::borrow::Cow;
 
 use cloudevents::event::Data;
 use cloudevents::{AttributesReader, Event};
+use prometheus::IntCounter;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use crate::config::{Config, SinkKind};
@@ -149,12 +150,14 @@ pub enum Sink {
 }
 
 impl Sink {
-    /// Connects the sink named by `[sink] kind`.
-    pub async fn connect(cfg: &Config) -> Result<Self, SinkError> {
+    /// Connects the sink named by `[sink] kind`; `reconnects` counts the broker
+    /// connections re-established after a loss (the relay's
+    /// `outboxd_reconnects_total{component="broker"}`).
+    pub async fn connect(cfg: &Config, reconnects: Option<IntCounter>) -> Result<Self, SinkError> {
         match cfg.sink.kind {
             SinkKind::Stdout => Ok(Sink::Stdout(stdout::StdoutSink::new())),
             SinkKind::Nats => Ok(Sink::Nats(
-                nats::NatsSink::connect(&cfg.nats, &cfg.retry).await?,
+                nats::NatsSink::connect(&cfg.nats, &cfg.retry, reconnects).await?,
             )),
             SinkKind::Kafka => Ok(Sink::Kafka(kafka::KafkaSink::connect(&cfg.kafka).await?)),
         }

@@ -12,6 +12,8 @@
 
 use std::borrow::Cow;
 use std::error::Error as _;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
@@ -19,6 +21,7 @@ use async_nats::{HeaderMap, HeaderName};
 use bytes::Bytes;
 use cloudevents::event::Data;
 use cloudevents::AttributesReader;
+use prometheus::IntCounter;
 
 use super::{Delivered, Envelope, SinkError};
 use crate::backoff;
@@ -27,24 +30,59 @@ use crate::route::{Sanitize, Template};
 
 const SINK: &str = "nats";
 
+/// The longest control line a stock nats-server accepts (`max_control_line`, 4 KB; the
+/// server does not announce it). A longer `HPUB` line makes it close the connection,
+/// failing every other publish in flight.
+const MAX_CONTROL_LINE: usize = 4096;
+/// What an `HPUB` line holds besides the subject: the verb, the reply inbox
+/// (`_INBOX.` and 22 characters), two sizes and the separators, with room to spare.
+const CONTROL_LINE_OVERHEAD: usize = 128;
+/// The most header bytes JetStream stores (error 10097 above it).
+const MAX_JETSTREAM_HEADERS: usize = 65_535;
+/// A missing stream is re-created at most this often (every event in flight fails
+/// with `no_stream` at once; one of them re-creates it).
+const STREAM_RECHECK: Duration = Duration::from_secs(1);
+
 /// Publishes to JetStream.
 pub struct NatsSink {
+    client: async_nats::Client,
     js: jetstream::Context,
     subject: Template,
     dead_letter_subject: String,
     mode: ContentMode,
+    /// The server's `max_payload`, read at connect and after every reconnect (the
+    /// new server may announce another).
+    max_payload: AtomicUsize,
+    events: Arc<Events>,
+    /// The stream's settings, to re-create it when it vanishes (`nats.create_stream`).
+    stream: NatsConfig,
+    /// When a publish last found the stream missing and looked it up (or created it).
+    stream_checked: tokio::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// What the client's event callback tells the sink.
+#[derive(Default)]
+struct Events {
+    /// Connected again since `max_payload` was last read.
+    reconnected: AtomicBool,
 }
 
 impl NatsSink {
     /// Connects (TLS and credentials from `[nats]`), then finds (or creates) the stream.
-    pub async fn connect(cfg: &NatsConfig, retry: &RetryConfig) -> Result<Self, SinkError> {
-        let client = options(cfg, retry)
+    pub async fn connect(
+        cfg: &NatsConfig,
+        retry: &RetryConfig,
+        reconnects: Option<IntCounter>,
+    ) -> Result<Self, SinkError> {
+        let events = Arc::new(Events::default());
+        let client = options(cfg, retry, events.clone(), reconnects)
             .await?
             .connect(cfg.url.expose())
             .await
             .map_err(|e| connect_error(&e, cfg))?;
         tracing::info!(servers = %redact_url(cfg.url.expose()), tls = cfg.tls_required(), "connected to nats");
-        let mut js = jetstream::new(client);
+        let max_payload = AtomicUsize::new(client.server_info().max_payload);
+        let mut js = jetstream::new(client.clone());
         js.set_timeout(Duration::from_millis(cfg.ack_timeout_ms));
         ensure_stream(&js, cfg).await?;
         let subject = Template::parse(&cfg.subject).map_err(|e| SinkError::Fatal {
@@ -52,10 +90,15 @@ impl NatsSink {
             detail: format!("nats.subject: {e}"),
         })?;
         Ok(Self {
+            client,
             js,
             subject,
             dead_letter_subject: cfg.dead_letter_subject.clone(),
             mode: cfg.content_mode,
+            max_payload,
+            events,
+            stream: cfg.clone(),
+            stream_checked: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -67,30 +110,137 @@ impl NatsSink {
             self.subject.render(&env.fields(), Sanitize::NatsToken)
         };
         let (headers, body) = encode(&env.event, self.mode)?;
-        let ack_future = self
-            .js
-            .publish_with_headers(subject.clone(), headers, body)
-            .await
-            .map_err(classify)?;
-        let ack = ack_future.await.map_err(classify)?;
-        Ok(Delivered {
-            duplicate: ack.duplicate,
-            destination: subject,
-        })
+        // What the server can never take is refused here, before it is sent: sent, it
+        // would close the connection under every other publish in flight.
+        if let Some(detail) = oversize(&subject, &headers, body.len(), self.max_payload()) {
+            return Err(SinkError::Rejected {
+                sink: SINK,
+                reason: "too_large",
+                detail,
+            });
+        }
+        let result = async {
+            let ack_future = self
+                .js
+                .publish_with_headers(subject.clone(), headers, body)
+                .await?;
+            ack_future.await
+        }
+        .await;
+        match result {
+            Ok(ack) => Ok(Delivered {
+                duplicate: ack.duplicate,
+                destination: subject,
+            }),
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                Err(self.stream_missing(e).await)
+            }
+            Err(e) => Err(classify(e)),
+        }
     }
+
+    /// The server's `max_payload`, read again after a reconnect.
+    fn max_payload(&self) -> usize {
+        if self.events.reconnected.swap(false, Ordering::Relaxed) {
+            self.max_payload
+                .store(self.client.server_info().max_payload, Ordering::Relaxed);
+        }
+        self.max_payload.load(Ordering::Relaxed)
+    }
+
+    /// A publish found no stream for its subject. With `nats.create_stream` the stream
+    /// is looked up and re-created when it is gone (deleted at runtime, or JetStream
+    /// lost its store), at most once per [`STREAM_RECHECK`]; the event is retried
+    /// either way.
+    async fn stream_missing(&self, e: jetstream::context::PublishError) -> SinkError {
+        let missing = classify(e);
+        if !self.stream.create_stream {
+            return missing;
+        }
+        let mut checked = self.stream_checked.lock().await;
+        if checked.is_some_and(|at| at.elapsed() < STREAM_RECHECK) {
+            return missing;
+        }
+        *checked = Some(std::time::Instant::now());
+        let existed = self.js.get_stream(&self.stream.stream).await.is_ok();
+        match ensure_stream(&self.js, &self.stream).await {
+            Ok(()) if !existed => {
+                tracing::warn!(stream = %self.stream.stream, "jetstream stream was missing; re-created it (nats.create_stream)");
+                SinkError::Retryable {
+                    sink: SINK,
+                    reason: "no_stream",
+                    detail: format!(
+                        "stream {} was missing and has been re-created",
+                        self.stream.stream
+                    ),
+                }
+            }
+            Ok(()) => missing,
+            Err(e) => e,
+        }
+    }
+}
+
+/// Why a message cannot be sent as it is, or `None`: a subject longer than the
+/// server's control line, more header bytes than JetStream stores, or headers and
+/// body together over the server's `max_payload`. Sizes count what async-nats writes
+/// (`NATS/1.0`, one `name: value` line per value, a blank line).
+fn oversize(subject: &str, headers: &HeaderMap, body: usize, max_payload: usize) -> Option<String> {
+    if subject.len() + CONTROL_LINE_OVERHEAD > MAX_CONTROL_LINE {
+        return Some(format!(
+            "the subject is {} bytes; a NATS server takes at most {} in its {MAX_CONTROL_LINE}-byte control line (max_control_line)",
+            subject.len(),
+            MAX_CONTROL_LINE - CONTROL_LINE_OVERHEAD
+        ));
+    }
+    let header_bytes = "NATS/1.0\r\n\r\n".len()
+        + headers
+            .iter()
+            .map(|(name, values)| {
+                let name: &str = name.as_ref();
+                values
+                    .iter()
+                    .map(|v| name.len() + v.as_str().len() + 4)
+                    .sum::<usize>()
+            })
+            .sum::<usize>();
+    if header_bytes > MAX_JETSTREAM_HEADERS {
+        return Some(format!(
+            "its headers are {header_bytes} bytes; JetStream stores at most {MAX_JETSTREAM_HEADERS}"
+        ));
+    }
+    if header_bytes + body > max_payload {
+        return Some(format!(
+            "the message is {} bytes (headers {header_bytes}, body {body}); the server's max_payload is {max_payload}",
+            header_bytes + body
+        ));
+    }
+    None
 }
 
 /// The client options: TLS, credentials, and connection events reported in our logs.
 async fn options(
     cfg: &NatsConfig,
     retry: &RetryConfig,
+    events: Arc<Events>,
+    reconnects: Option<IntCounter>,
 ) -> Result<async_nats::ConnectOptions, SinkError> {
     let fix = cfg.auth_fix();
     let retry = retry.clone();
     let mut o = async_nats::ConnectOptions::new()
         .name("outboxd")
         .connection_timeout(Duration::from_secs(5))
-        .event_callback(move |event| async move { log_event(&event, fix) })
+        .event_callback(move |event| {
+            if matches!(event, async_nats::Event::Connected) {
+                // The first connection is made before the callback is installed:
+                // every Connected seen here is a reconnect.
+                if let Some(counter) = &reconnects {
+                    counter.inc();
+                }
+                events.reconnected.store(true, Ordering::Relaxed);
+            }
+            async move { log_event(&event, fix) }
+        })
         // After a lost connection async-nats reconnects by itself: with the [retry]
         // backoff and jitter (its default has no jitter), so that sidecars which lost
         // the same server do not come back in lockstep.
@@ -280,7 +430,10 @@ fn classify(e: async_nats::jetstream::context::PublishError) -> SinkError {
                 }
             }
             match source.and_then(|s| s.downcast_ref::<jetstream::Error>()) {
-                Some(j) if j.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM => {
+                Some(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
+                        || j.error_code() == jetstream::ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM =>
+                {
                     SinkError::Rejected { sink: SINK, reason: "too_large", detail: j.to_string() }
                 }
                 Some(j) => retry("broker_error", j),
