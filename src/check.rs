@@ -174,8 +174,9 @@ pub async fn run(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
             "replication slot",
             false,
             format!(
-                "{} was invalidated (wal_status = lost): events after {} may be missing; replay \
-                 them from the outbox table, then `outboxd run --allow-new-slot`",
+                "{} was invalidated (wal_status = lost): events after {} may be missing; \
+                 `outboxd run --allow-new-slot` creates a new slot and first republishes them \
+                 from the outbox table",
                 p.slot,
                 crate::relay::lsn_text(s.confirmed_flush_lsn)
             ),
@@ -215,8 +216,65 @@ pub async fn run(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
         )),
         Err(e) => out.push(check("replication slot", false, e.to_string())),
     }
+    out.push(record_check(&control, cfg).await);
     out.extend(sink_check(cfg, aggregate_types).await);
     out
+}
+
+/// The slot's record (`source::state`): a slot lost since, or a table or publication
+/// changed under it, is a FAIL naming the recovery (what `run` would wait for).
+async fn record_check(control: &Control, cfg: &Config) -> Check {
+    use crate::source::state::{self, Verdict};
+    let name = "slot record";
+    let judged = async {
+        let record = control.slot_record(cfg).await?;
+        let identity = control.identity(cfg).await?;
+        let slot = control.slot(&cfg.postgres.slot).await?;
+        Ok::<_, crate::source::SourceError>((record, identity, slot))
+    };
+    let (record, identity, slot) = match judged.await {
+        Ok(found) => found,
+        Err(e) => return check(name, false, e.to_string()),
+    };
+    let lost = slot
+        .as_ref()
+        .is_some_and(|s| s.wal_status.as_deref() == Some("lost"));
+    let Some(r) = &record else {
+        return check(
+            name,
+            true,
+            format!(
+                "nothing recorded yet in {}; `run` records the slot when it streams",
+                state::state_table(cfg)
+            ),
+        );
+    };
+    match state::judge(record.as_ref(), slot.is_some(), lost, &identity) {
+        Verdict::SlotLost => check(
+            name,
+            false,
+            state::lost_message(cfg, record.as_ref(), slot.is_some(), &identity, false),
+        ),
+        Verdict::PublicationChanged => check(
+            name,
+            false,
+            state::lost_message(cfg, record.as_ref(), slot.is_some(), &identity, true),
+        ),
+        Verdict::TableChanged(why) => check(name, false, state::table_message(cfg, &why)),
+        _ => check(
+            name,
+            true,
+            format!(
+                "{} streams {} through {}; confirmed up to {} at {}",
+                cfg.postgres.slot,
+                cfg.postgres.table,
+                cfg.postgres.publication,
+                crate::lsn::lsn_text(r.confirmed_lsn),
+                r.confirmed_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+        ),
+    }
 }
 
 /// REPLICATION (needed), SELECT on the table (for `replay`), EXECUTE on
@@ -451,6 +509,9 @@ pub fn setup_sql(cfg: &Config) -> String {
          GRANT USAGE ON SCHEMA {schema} TO {role};\n\
          GRANT SELECT ON {table} TO {role}; -- outboxd replay reads the table\n\
          {heartbeat}\
+         -- Where the relay records its slot, so that a lost slot is never replaced silently:\n\
+         {state}\n\
+         GRANT SELECT, INSERT, UPDATE ON {state_table} TO {role};\n\
          -- Optional, the table-less outbox. Inside a transaction, call\n\
          --    SELECT {schema}.outbox_emit('Order', 'o-1', 'OrderPlaced', '{{\"total\": 3}}');\n\
          {}\n\
@@ -464,6 +525,8 @@ pub fn setup_sql(cfg: &Config) -> String {
         crate::source::message::emit_function_sql(schema, &p.message_prefix),
         create_slot_sql(cfg),
         table = p.table,
+        state = crate::source::state::create_state_table_sql(cfg),
+        state_table = crate::source::state::state_table(cfg),
     )
 }
 

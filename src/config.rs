@@ -204,10 +204,15 @@ pub struct PostgresConfig {
     /// `pg_logical_emit_message(true, prefix, json)`; empty turns them off.
     /// Default `outboxd.event`.
     pub message_prefix: String,
-    /// Accept a new slot where the old one was invalidated (`wal_status = lost`) or
-    /// vanished while in use, i.e. accept a possible gap. Also set by
+    /// Recover from a lost slot (invalidated, dropped, or gone with a failover) or a
+    /// re-created publication: create a new slot, first republishing from the table the
+    /// rows committed since the old slot's recorded position. Also set by
     /// `outboxd run --allow-new-slot`. Default false.
     pub allow_new_slot: bool,
+    /// Recover from an outbox table that left the publication or was re-created:
+    /// publish all of its rows, then stream on. Acts only when outboxd found the table
+    /// changed. Also set by `outboxd run --resync-table`. Default false.
+    pub resync_table: bool,
     /// Create the slot as a PostgreSQL 17 failover slot (`failover = true`), so it is
     /// synchronized to physical standbys and survives a primary failover. Needs
     /// PostgreSQL 17+ and `sync_replication_slots` on the standby. Default false.
@@ -241,6 +246,7 @@ impl Default for PostgresConfig {
             monitor_interval_secs: 10,
             message_prefix: "outboxd.event".into(),
             allow_new_slot: false,
+            resync_table: false,
             failover_slot: false,
             standby_poll_ms: 1000,
             initial_snapshot: false,

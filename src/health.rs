@@ -48,6 +48,9 @@ pub enum Role {
     Streaming,
     /// Another instance holds the slot.
     Standby,
+    /// Waits for an operator (see `/status.problem`): the slot was lost, or the table
+    /// or the publication changed.
+    Blocked,
 }
 
 /// The `/status` document.
@@ -241,6 +244,11 @@ impl Health {
             i.last_error = Some((p.clone(), Utc::now()));
         }
         i.problem = problem;
+    }
+
+    /// What waits for an operator, if anything.
+    pub fn problem(&self) -> Option<String> {
+        self.inner().problem.clone()
     }
 
     /// A publish failed (it is retried). True when this starts a failure, so the

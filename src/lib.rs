@@ -25,6 +25,7 @@ pub mod deadletter;
 pub mod event;
 pub mod health;
 pub mod http;
+pub mod lsn;
 pub mod metrics;
 pub mod outbox;
 pub mod relay;

@@ -48,11 +48,17 @@ enum Command {
     Run {
         #[command(flatten)]
         config: ConfigArg,
-        /// Accept a new replication slot where the old one was invalidated or vanished
-        /// while in use. Rows committed in the gap may never be relayed: replay them
-        /// from the outbox table first. Same as postgres.allow_new_slot = true.
+        /// Recover from a lost slot (dropped, invalidated, or a primary failover without
+        /// a failover slot) or a re-created publication: create a new slot and first
+        /// republish, from the outbox table, the rows committed since the old slot's
+        /// last recorded position. Same as postgres.allow_new_slot = true.
         #[arg(long)]
         allow_new_slot: bool,
+        /// Recover from an outbox table that left the publication or was dropped and
+        /// created again: publish all of its rows, then stream on. Same as
+        /// postgres.resync_table = true.
+        #[arg(long)]
+        resync_table: bool,
     },
     /// Validate the config and check Postgres (wal_level, REPLICATION, table, publication,
     /// slot) and the broker; print ok/FAIL with the fix for each; exit 1 on any FAIL.
@@ -86,6 +92,10 @@ enum Command {
         /// Only this aggregate id.
         #[arg(long)]
         aggregate_id: Option<String>,
+        /// Only rows written by transactions with this xid or a newer one: the gap a
+        /// lost slot leaves, as outboxd names it when it refuses to start.
+        #[arg(long, value_name = "XID")]
+        since_xid: Option<u64>,
         /// Prepend this to the subject/topic (e.g. `replay.`); a stream or topic must
         /// capture the result.
         #[arg(long, value_name = "PREFIX")]
@@ -122,11 +132,13 @@ fn main() -> ExitCode {
     let cfg = match Config::load(c.config.as_deref()) {
         Ok(mut cfg) => {
             if let Command::Run {
-                allow_new_slot: true,
+                allow_new_slot,
+                resync_table,
                 ..
             } = cli.command
             {
-                cfg.postgres.allow_new_slot = true;
+                cfg.postgres.allow_new_slot |= allow_new_slot;
+                cfg.postgres.resync_table |= resync_table;
             }
             cfg
         }
@@ -186,6 +198,7 @@ fn main() -> ExitCode {
                 to_id,
                 aggregate_type,
                 aggregate_id,
+                since_xid,
                 destination_prefix,
                 dry_run,
                 ..
@@ -197,6 +210,7 @@ fn main() -> ExitCode {
                     to_id,
                     aggregate_type,
                     aggregate_id,
+                    since_xid,
                 };
                 replay(cfg, &sel, destination_prefix, dry_run).await
             }
@@ -365,7 +379,7 @@ async fn setup(cfg: &Config, apply: bool) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let slot = control
-        .ensure_slot(&forced, false)
+        .ensure_slot(&forced)
         .await
         .context("creating the slot")?;
     println!(

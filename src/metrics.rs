@@ -64,6 +64,8 @@ pub struct Metrics {
     pub streaming: IntGauge,
     /// 1 while publishes fail (and are retried), 0 once one succeeds again.
     pub sink_failing: IntGauge,
+    /// 1 while outboxd waits for an operator (slot lost, table or publication changed).
+    pub blocked: IntGauge,
     /// Times this instance started or stopped streaming.
     pub leadership_changes: IntCounter,
     /// The slot's confirmed flush LSN as a number.
@@ -181,6 +183,10 @@ impl Metrics {
             streaming: reg!(IntGauge::new(
                 "outboxd_streaming",
                 "1 while this instance streams from the replication slot, else 0."
+            )?),
+            blocked: reg!(IntGauge::new(
+                "outboxd_blocked",
+                "1 while outboxd waits for an operator: the slot was lost, or the outbox table or the publication changed (see /status.problem)."
             )?),
             sink_failing: reg!(IntGauge::new(
                 "outboxd_sink_failing",

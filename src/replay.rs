@@ -66,6 +66,9 @@ pub struct Selection {
     pub aggregate_type: Option<String>,
     /// Exact aggregate id.
     pub aggregate_id: Option<String>,
+    /// Rows written by transactions with a (64-bit) xid at least this: the gap after
+    /// a lost slot, as `outboxd_slots.replay_from_xid` records it (`source::state`).
+    pub since_xid: Option<u64>,
 }
 
 /// What a replay did.
@@ -154,6 +157,14 @@ pub(crate) async fn plan(
     }
     if let Some(v) = &sel.aggregate_id {
         add(format!("{}::text = ?", c.aggregate_id), v.clone());
+    }
+    if let Some(xid) = sel.since_xid {
+        // Rows carry 32-bit xids: compare by age, which counts across wraparound
+        // (a row as new as the threshold, or newer, is at most as old).
+        add(
+            "age(xmin) <= age((?::text::bigint % 4294967296)::text::xid)".to_string(),
+            xid.to_string(),
+        );
     }
     let columns: Vec<String> = relation
         .columns

@@ -26,4 +26,5 @@ mod security_postgres;
 mod slot_loss;
 mod snapshot;
 mod standby;
+mod table_changes;
 mod tableless;

@@ -18,6 +18,7 @@
 
 mod gate;
 pub mod progress;
+mod setup;
 mod snapshot;
 
 use std::sync::Arc;
@@ -35,7 +36,6 @@ use crate::event::{to_cloudevent, Position};
 use crate::health::{Role, Telemetry};
 use crate::outbox::OutboxRow;
 use crate::sink::{Delivered, Envelope, Sink, SinkError};
-use crate::source::control::Control;
 use crate::source::{Change, SourceError, Stream};
 use gate::Gate;
 use progress::{Progress, TxnId};
@@ -84,6 +84,9 @@ struct Ctx<'a> {
     session_streamed: std::cell::Cell<bool>,
     /// Missing optional privileges were logged (once per process, not per retry).
     privileges_told: std::cell::Cell<bool>,
+    /// That the slot's record cannot be kept (a standby server, missing privileges)
+    /// was logged.
+    state_told: std::cell::Cell<bool>,
 }
 
 type InFlight = FuturesUnordered<BoxFuture<'static, (Item, Result<Delivered, SinkError>)>>;
@@ -136,6 +139,7 @@ async fn run_sessions(
         slot_known: std::cell::Cell::new(false),
         session_streamed: std::cell::Cell::new(false),
         privileges_told: std::cell::Cell::new(false),
+        state_told: std::cell::Cell::new(false),
     };
     let mut attempt = 0u32;
     loop {
@@ -150,11 +154,32 @@ async fn run_sessions(
         }
         t.health.set_ready();
         t.metrics.set_streaming(false);
-        if !matches!(result, Err(RelayError::Source(SourceError::SlotBusy(_)))) {
+        if !matches!(
+            result,
+            Err(RelayError::Source(
+                SourceError::SlotBusy(_) | SourceError::Blocked(_)
+            ))
+        ) {
             t.health.set_role(Role::Connecting);
         }
         match result {
             Ok(()) => return Ok(()),
+            Err(RelayError::Source(SourceError::Blocked(problem))) => {
+                // Only an operator can accept what happened: stay alive and not ready,
+                // say it once (and again when it changes), and look again now and then.
+                if t.health.problem().as_deref() != Some(problem.as_str())
+                    || t.health.role() != Role::Blocked
+                {
+                    tracing::error!(problem = %problem, "outboxd waits for an operator");
+                }
+                t.health.set_problem(Some(problem));
+                t.health.set_role(Role::Blocked);
+                t.metrics.blocked.set(1);
+                attempt = 0;
+                if pause(setup::BLOCKED_RECHECK, t, shutdown).await {
+                    return Ok(());
+                }
+            }
             Err(RelayError::Source(SourceError::SlotBusy(msg))) => {
                 // Another replica streams: stay a healthy, ready standby and try to
                 // take over soon after it is gone. A steady, jittered poll (not an
@@ -263,46 +288,17 @@ where
 /// Sets up the publication and slot, then streams until shutdown or an error.
 async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), RelayError> {
     let (cfg, t) = (ctx.cfg, ctx.t);
-    // Bounded: a half-open connection must turn into a retry, not a hang.
-    let setup = async {
-        let control = Control::connect(cfg).await?;
-        // Say which privilege is missing (and the statement that grants it) before
-        // the server's own, vaguer refusal further down.
-        let privileges = control.privileges(cfg).await?;
-        if let Some(fix) = privileges.missing_replication() {
-            return Err(SourceError::Setup(fix));
-        }
-        if !ctx.privileges_told.replace(true) {
-            if let Some(fix) = privileges.missing_select(&cfg.postgres.table) {
-                tracing::warn!("{fix} (streaming works without it; `outboxd replay` does not)");
-            }
-            if privileges.superuser {
-                tracing::info!(role = %privileges.role, "connected as a superuser; a REPLICATION role suffices (see `outboxd setup`)");
-            }
-        }
-        control.ensure_publication(cfg).await?;
-        let slot = control.usable_slot(cfg, ctx.slot_known.get()).await?;
-        Ok::<_, SourceError>((control, slot))
-    };
-    let (mut control, slot) = bounded(setup).await?;
-    let slot = match slot {
-        Some(slot) => slot,
-        // Not bounded: it publishes the whole table (and ticks the watchdog meanwhile).
-        None if cfg.postgres.initial_snapshot => {
-            match snapshot::take(ctx, &mut control, shutdown).await? {
-                Some(slot) => slot,
-                None => return Ok(()),
-            }
-        }
-        None => bounded(control.create_slot(cfg)).await?,
+    let Some(slot) = setup::slot(ctx, shutdown).await? else {
+        return Ok(());
     };
     // From here on this process relies on the slot (a standby too: the active instance
     // confirms on it), so a slot that vanishes later is a loss, never a fresh start.
     ctx.slot_known.set(true);
-    // Closing it releases the initial snapshot's lock, if taken.
-    drop(control);
     let mut stream = bounded(Stream::start(cfg, slot.confirmed_flush_lsn)).await?;
     ctx.session_streamed.set(true);
+    // Whatever waited for an operator is resolved: the slot was found usable.
+    t.health.set_problem(None);
+    t.metrics.blocked.set(0);
     t.health.set_ready();
     t.health.set_role(Role::Streaming);
     t.health.set_confirmed(slot.confirmed_flush_lsn);
@@ -320,6 +316,7 @@ async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), Rela
     // (within the shutdown deadline): a transaction whose rows were all acknowledged
     // but whose Commit was never read cannot be confirmed, and would be sent again.
     let mut stop_by: Option<tokio::time::Instant> = None;
+    let mut blocked: Option<String> = None;
     let mut last_summary = tokio::time::Instant::now();
     let outcome: Result<(), RelayError> = loop {
         let held = in_flight.len() + gate.parked();
@@ -338,6 +335,15 @@ async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), Rela
             _ = ticker.tick() => {
                 t.health.tick();
                 summarise_failure(t, &mut last_summary);
+                // The monitor found the table or the publication changed: stop reading,
+                // confirm what the broker has, then wait for the operator.
+                if stop_by.is_none() {
+                    if let Some(problem) = t.health.problem() {
+                        blocked = Some(problem);
+                        stop_by = Some(tokio::time::Instant::now() + Duration::from_secs(cfg.sink.shutdown_timeout_secs));
+                        continue;
+                    }
+                }
                 let lag = progress.oldest_commit_micros().map_or(0.0, |c| {
                     (chrono::Utc::now().timestamp_micros() - c).max(0) as f64 / 1e6
                 });
@@ -421,7 +427,10 @@ async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), Rela
         Duration::ZERO
     };
     stream.close(wait).await;
-    outcome
+    match (outcome, blocked) {
+        (Ok(()), Some(problem)) => Err(SourceError::Blocked(problem).into()),
+        (outcome, _) => outcome,
+    }
 }
 
 /// Awaits a set-up step for at most 60 s.
@@ -723,7 +732,4 @@ fn deliver(
     })
 }
 
-/// `X/Y` text of an LSN, as Postgres prints it.
-pub fn lsn_text(lsn: u64) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
-}
+pub use crate::lsn::lsn_text;

@@ -47,122 +47,173 @@ use crate::source::SourceError;
 /// the next fetch.
 const BATCH: i64 = 1000;
 
-/// Takes the initial snapshot and creates the slot from it. `Ok(None)` on shutdown
-/// (no slot was created; the next start snapshots again).
+/// Takes a snapshot of the rows `selection` picks and creates the slot from it (the
+/// initial snapshot, or the gap of a lost slot: `what` names it in the log). Returns
+/// the slot and whether this call created it (false: another instance did
+/// meanwhile); `Ok(None)` on shutdown (no slot was created; the next start takes the
+/// snapshot again).
 pub(super) async fn take(
     ctx: &Ctx<'_>,
     control: &mut Control,
     shutdown: &CancellationToken,
-) -> Result<Option<SlotInfo>, RelayError> {
+    selection: &Selection,
+    what: &str,
+) -> Result<Option<(SlotInfo, bool)>, RelayError> {
     let cfg = ctx.cfg;
     let slot = &cfg.postgres.slot;
     if !control.try_lock_snapshot(slot).await? {
         return Err(SourceError::SlotBusy(format!(
-            "another instance is taking the initial snapshot for slot {slot}"
+            "another instance is taking the {what} for slot {slot}"
         ))
         .into());
     }
     // Under the lock: another instance may have finished while we waited.
-    if let Some(existing) = control.usable_slot(cfg, false).await? {
-        return Ok(Some(existing));
+    if let Some(existing) = control.slot(slot).await? {
+        return Ok(Some((existing, false)));
     }
-    tracing::info!(slot = %slot, "initial snapshot: creating a temporary slot (waits for running transactions to end)");
+    tracing::info!(slot = %slot, "{what}: creating a temporary slot (waits for running transactions to end)");
     let Some(exported) = watch(ctx, shutdown, ExportedSlot::create(cfg)).await else {
         return Ok(None);
     };
     let exported = exported?;
-    let read = replay::plan(control, cfg, &Selection::default())
+    tracing::info!(slot = %slot, consistent_point = %super::lsn_text(exported.consistent_point()), "{what} started");
+    let started = std::time::Instant::now();
+    let Some(published) = publish_rows(
+        ctx,
+        control,
+        shutdown,
+        Some(exported.snapshot()),
+        selection,
+        what,
+    )
+    .await?
+    else {
+        return Ok(None);
+    };
+    let copied = exported.persist(control, cfg).await?;
+    if !copied {
+        tracing::warn!(slot = %slot, "slot was created by someone else during the {what}; events committed meanwhile may arrive twice (same ids)");
+    }
+    let info = control.slot(slot).await?.ok_or_else(|| {
+        SourceError::Setup(format!("replication slot {slot} vanished after the {what}"))
+    })?;
+    tracing::info!(slot = %slot, published, seconds = started.elapsed().as_secs_f64(), start_lsn = %super::lsn_text(info.confirmed_flush_lsn), "{what} done; streaming from the new slot");
+    Ok(Some((info, copied)))
+}
+
+/// Publishes every row of the table from a snapshot taken now, before the stream goes
+/// on from the slot's confirmed position (a table that left the publication or was
+/// re-created: its rows were not decoded). Rows the stream carries as well arrive
+/// twice, with the same ids, after their snapshot copies. False on shutdown.
+pub(super) async fn resync(
+    ctx: &Ctx<'_>,
+    control: &mut Control,
+    shutdown: &CancellationToken,
+    what: &str,
+) -> Result<bool, RelayError> {
+    let started = std::time::Instant::now();
+    let all = Selection::default();
+    let Some(published) = publish_rows(ctx, control, shutdown, None, &all, what).await? else {
+        return Ok(false);
+    };
+    tracing::info!(table = %ctx.cfg.postgres.table, published, seconds = started.elapsed().as_secs_f64(), "{what} done");
+    Ok(true)
+}
+
+/// Reads the rows `selection` picks in one snapshot (`exported`, or a new one) and
+/// publishes each until the broker acknowledged it, per aggregate in read order.
+/// Returns how many; `None` on shutdown.
+async fn publish_rows(
+    ctx: &Ctx<'_>,
+    control: &mut Control,
+    shutdown: &CancellationToken,
+    exported: Option<&str>,
+    selection: &Selection,
+    what: &str,
+) -> Result<Option<u64>, RelayError> {
+    let cfg = ctx.cfg;
+    let read = replay::plan(control, cfg, selection)
         .await
         .map_err(source_error)?;
-    let started = std::time::Instant::now();
     let mut published = 0u64;
-    {
-        let tx = control.snapshot(Some(exported.snapshot())).await?;
-        let total = read.open(&tx).await?;
-        tracing::info!(slot = %slot, rows = total, consistent_point = %super::lsn_text(exported.consistent_point()), "initial snapshot started");
-        let mut index = 0u32;
-        loop {
-            if shutdown.is_cancelled() {
-                tracing::info!(
-                    published,
-                    "initial snapshot interrupted by shutdown; it is taken again on the next start"
-                );
-                return Ok(None);
-            }
-            ctx.t.health.tick();
-            let rows = tx.fetch(BATCH).await?;
-            if rows.is_empty() {
-                break;
-            }
-            // Per aggregate, in read order: one queue each.
-            let mut queues: HashMap<String, Vec<Envelope>> = HashMap::new();
-            for values in rows {
-                let env = match replay::table_envelope(cfg, &read.layout, &values, index) {
-                    Ok(env) => env,
-                    Err(poison) => {
-                        let code = poison.code;
-                        if cfg.sink.on_invalid == PoisonPolicy::Halt {
-                            ctx.t
-                                .metrics
-                                .poison_events
-                                .with_label_values(&[code, "halt"])
-                                .inc();
-                            tracing::error!(event_id = %poison.id, reason = %poison.reason, "invalid outbox row in the initial snapshot; halting (sink.on_invalid = halt)");
-                            return Err(RelayError::Halted {
-                                id: poison.id,
-                                reason: poison.reason,
-                                policy_key: "on_invalid",
-                            });
-                        }
+    let tx = control.snapshot(exported).await?;
+    let total = read.open(&tx).await?;
+    tracing::info!(
+        rows = total,
+        "{what}: publishing rows from the outbox table"
+    );
+    let mut index = 0u32;
+    loop {
+        if shutdown.is_cancelled() {
+            tracing::info!(
+                published,
+                "{what} interrupted by shutdown; it is taken again on the next start"
+            );
+            return Ok(None);
+        }
+        ctx.t.health.tick();
+        let rows = tx.fetch(BATCH).await?;
+        if rows.is_empty() {
+            break;
+        }
+        // Per aggregate, in read order: one queue each.
+        let mut queues: HashMap<String, Vec<Envelope>> = HashMap::new();
+        for values in rows {
+            let env = match replay::table_envelope(cfg, &read.layout, &values, index) {
+                Ok(env) => env,
+                Err(poison) => {
+                    let code = poison.code;
+                    if cfg.sink.on_invalid == PoisonPolicy::Halt {
                         ctx.t
                             .metrics
                             .poison_events
-                            .with_label_values(&[code, "dead_letter"])
+                            .with_label_values(&[code, "halt"])
                             .inc();
-                        tracing::warn!(event_id = %poison.id, reason = %poison.reason, "invalid outbox row in the initial snapshot; sending it to the dead-letter destination");
-                        let pos = Position {
-                            commit_lsn: 0,
-                            commit_time: chrono::Utc::now(),
-                            index,
-                        };
-                        deadletter::for_row(&poison, &pos, &cfg.cloudevents)
+                        tracing::error!(event_id = %poison.id, reason = %poison.reason, "invalid outbox row in the {what}; halting (sink.on_invalid = halt)");
+                        return Err(RelayError::Halted {
+                            id: poison.id,
+                            reason: poison.reason,
+                            policy_key: "on_invalid",
+                        });
                     }
-                };
-                index = index.wrapping_add(1);
-                queues
-                    .entry(env.aggregate_id.clone())
-                    .or_default()
-                    .push(env);
-            }
-            let sent = std::cell::Cell::new(0u64);
-            stream::iter(queues.into_values().map(Ok::<_, RelayError>))
-                .try_for_each_concurrent(cfg.sink.max_in_flight, |queue| {
-                    let sent = &sent;
-                    async move {
-                        for env in queue {
-                            if !publish(ctx, env, shutdown).await? {
-                                break;
-                            }
-                            sent.set(sent.get() + 1);
-                        }
-                        Ok(())
-                    }
-                })
-                .await?;
-            published += sent.get();
+                    ctx.t
+                        .metrics
+                        .poison_events
+                        .with_label_values(&[code, "dead_letter"])
+                        .inc();
+                    tracing::warn!(event_id = %poison.id, reason = %poison.reason, "invalid outbox row in the {what}; sending it to the dead-letter destination");
+                    let pos = Position {
+                        commit_lsn: 0,
+                        commit_time: chrono::Utc::now(),
+                        index,
+                    };
+                    deadletter::for_row(&poison, &pos, &cfg.cloudevents)
+                }
+            };
+            index = index.wrapping_add(1);
+            queues
+                .entry(env.aggregate_id.clone())
+                .or_default()
+                .push(env);
         }
+        let sent = std::cell::Cell::new(0u64);
+        stream::iter(queues.into_values().map(Ok::<_, RelayError>))
+            .try_for_each_concurrent(cfg.sink.max_in_flight, |queue| {
+                let sent = &sent;
+                async move {
+                    for env in queue {
+                        if !publish(ctx, env, shutdown).await? {
+                            break;
+                        }
+                        sent.set(sent.get() + 1);
+                    }
+                    Ok(())
+                }
+            })
+            .await?;
+        published += sent.get();
     }
-    let copied = exported.persist(control, cfg).await?;
-    if !copied {
-        tracing::warn!(slot = %slot, "slot was created by someone else during the initial snapshot; events committed meanwhile may arrive twice (same ids)");
-    }
-    let info = control.slot(slot).await?.ok_or_else(|| {
-        SourceError::Setup(format!(
-            "replication slot {slot} vanished after the initial snapshot"
-        ))
-    })?;
-    tracing::info!(slot = %slot, published, seconds = started.elapsed().as_secs_f64(), start_lsn = %super::lsn_text(info.confirmed_flush_lsn), "initial snapshot done; streaming from the new slot");
-    Ok(Some(info))
+    Ok(Some(published))
 }
 
 /// Publishes one event until the broker acknowledges it: retryable errors are retried

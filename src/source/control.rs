@@ -93,7 +93,7 @@ impl Snapshot<'_> {
 
 /// An open SQL connection.
 pub struct Control {
-    client: Client,
+    pub(super) client: Client,
     conn_task: tokio::task::JoinHandle<()>,
 }
 
@@ -264,12 +264,22 @@ impl Control {
     /// Creates the publication when missing (and allowed); checks it covers the table.
     pub async fn ensure_publication(&self, cfg: &Config) -> Result<(), SourceError> {
         let p = &cfg.postgres;
+        self.create_publication(cfg).await?;
         match self.publication(cfg).await? {
             Some(true) => Ok(()),
-            Some(false) => Err(SourceError::Setup(format!(
+            _ => Err(SourceError::Setup(format!(
                 "publication {} exists but does not include {}: run ALTER PUBLICATION {} ADD TABLE {}",
                 p.publication, p.table, p.publication, p.table
             ))),
+        }
+    }
+
+    /// Creates the publication when it is missing (and allowed). Whether it covers the
+    /// table is the caller's question.
+    pub async fn create_publication(&self, cfg: &Config) -> Result<(), SourceError> {
+        let p = &cfg.postgres;
+        match self.publication(cfg).await? {
+            Some(_) => Ok(()),
             None if !p.create_publication => Err(SourceError::Setup(format!(
                 "publication {} does not exist and postgres.create_publication = false: run `outboxd setup` \
                  and apply its SQL as the table owner",
@@ -288,14 +298,7 @@ impl Control {
                         || e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
                 {
                     tracing::info!(publication = %p.publication, "publication created concurrently by another instance");
-                    match self.publication(cfg).await? {
-                        Some(true) => Ok(()),
-                        _ => Err(SourceError::Setup(format!(
-                            "publication {} was created concurrently but does not include {}: run \
-                             ALTER PUBLICATION {} ADD TABLE {}",
-                            p.publication, p.table, p.publication, p.table
-                        ))),
-                    }
+                    Ok(())
                 }
                 Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => Err(SourceError::Setup(format!(
                     "table {} does not exist: create it (`outboxd setup` prints the SQL) or set \
@@ -343,73 +346,21 @@ impl Control {
         }))
     }
 
-    /// Returns the slot, creating it when missing (and allowed). Creation is idempotent:
-    /// a concurrent creator winning the race is success. See [`Control::usable_slot`].
-    pub async fn ensure_slot(&self, cfg: &Config, known: bool) -> Result<SlotInfo, SourceError> {
-        match self.usable_slot(cfg, known).await? {
-            Some(slot) => Ok(slot),
-            None => self.create_slot(cfg).await,
+    /// Returns the slot, creating it when missing (`outboxd setup --apply`). Creation
+    /// is idempotent: a concurrent creator winning the race is success.
+    pub async fn ensure_slot(&self, cfg: &Config) -> Result<SlotInfo, SourceError> {
+        match self.slot(&cfg.postgres.slot).await? {
+            Some(slot) => {
+                check_plugin(cfg, &slot)?;
+                Ok(slot)
+            }
+            None => self.create_slot(cfg).await.map(|(slot, _)| slot),
         }
     }
 
-    /// The slot when it exists and may be streamed from; `None` when it is missing
-    /// (or was invalidated and has just been dropped) and may be created.
-    ///
-    /// A slot that was invalidated (`wal_status = lost`), or that is gone although
-    /// `known` says this process streamed from it, means events may be missing between
-    /// the old slot's position and now. That is never papered over by a new slot:
-    /// unless `postgres.allow_new_slot` accepts the gap, it is an error that says so.
-    pub async fn usable_slot(
-        &self,
-        cfg: &Config,
-        known: bool,
-    ) -> Result<Option<SlotInfo>, SourceError> {
-        let p = &cfg.postgres;
-        if let Some(s) = self.slot(&p.slot).await? {
-            if s.plugin != "pgoutput" {
-                return Err(SourceError::Setup(format!(
-                    "slot {} uses plugin {}, outboxd needs pgoutput: drop it or set postgres.slot",
-                    p.slot, s.plugin
-                )));
-            }
-            if s.wal_status.as_deref() != Some("lost") {
-                return Ok(Some(s));
-            }
-            if !p.allow_new_slot {
-                return Err(SourceError::SlotLost(format!(
-                    "replication slot {} was invalidated (wal_status = lost; max_slot_wal_keep_size \
-                     exceeded): the WAL after {} is gone, and outbox rows committed since may never \
-                     reach the broker. Recover them with a replay from the outbox table, then accept \
-                     the gap with `outboxd run --allow-new-slot` (drops and recreates the slot)",
-                    p.slot,
-                    crate::relay::lsn_text(s.confirmed_flush_lsn)
-                )));
-            }
-            tracing::warn!(slot = %p.slot, "dropping the invalidated slot and creating a new one (allow_new_slot)");
-            self.client
-                .execute("SELECT pg_drop_replication_slot($1)", &[&p.slot])
-                .await
-                .map_err(SourceError::query)?;
-        } else if known && !p.allow_new_slot {
-            return Err(SourceError::SlotLost(format!(
-                "replication slot {} disappeared while outboxd was streaming from it (dropped, or \
-                 the primary failed over): rows committed in between may never reach the broker. \
-                 Recover them with a replay from the outbox table, then accept the gap with \
-                 `outboxd run --allow-new-slot`",
-                p.slot
-            )));
-        } else if !p.create_slot && !p.allow_new_slot {
-            return Err(SourceError::Setup(format!(
-                "replication slot {} does not exist and postgres.create_slot = false: create it \
-                 with `outboxd setup --apply`, or start once with --allow-new-slot",
-                p.slot
-            )));
-        }
-        Ok(None)
-    }
-
-    /// Creates the slot (see [`Control::ensure_slot`]) and returns it.
-    pub async fn create_slot(&self, cfg: &Config) -> Result<SlotInfo, SourceError> {
+    /// Creates the slot (see [`Control::ensure_slot`]) and returns it, and whether this
+    /// call created it (false: another instance did, just before).
+    pub async fn create_slot(&self, cfg: &Config) -> Result<(SlotInfo, bool), SourceError> {
         let p = &cfg.postgres;
         let created = if p.failover_slot {
             let version: i32 = self
@@ -437,9 +388,12 @@ impl Control {
                 )
                 .await
         };
-        match created {
-            Ok(_) => tracing::info!(slot = %p.slot, "created replication slot"),
-            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
+        let by_us = match created {
+            Ok(_) => {
+                tracing::info!(slot = %p.slot, "created replication slot");
+                true
+            }
+            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => false,
             Err(e) => {
                 let fix = if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
                     ": the role needs REPLICATION: ALTER ROLE <role> REPLICATION (as a superuser)"
@@ -452,13 +406,14 @@ impl Control {
                     db_message(&e)
                 )));
             }
-        }
-        self.slot(&p.slot).await?.ok_or_else(|| {
+        };
+        let slot = self.slot(&p.slot).await?.ok_or_else(|| {
             SourceError::Setup(format!(
                 "replication slot {} vanished after creation",
                 p.slot
             ))
-        })
+        })?;
+        Ok((slot, by_us))
     }
 
     /// The table's columns (names and type OIDs), as a Relation message would give them.
@@ -588,6 +543,17 @@ impl Control {
             .await
             .map_err(|e| SourceError::Setup(db_message(&e)))
     }
+}
+
+/// A slot that exists must use pgoutput.
+pub fn check_plugin(cfg: &Config, slot: &SlotInfo) -> Result<(), SourceError> {
+    if slot.plugin == "pgoutput" {
+        return Ok(());
+    }
+    Err(SourceError::Setup(format!(
+        "slot {} uses plugin {}, outboxd needs pgoutput: drop it or set postgres.slot",
+        cfg.postgres.slot, slot.plugin
+    )))
 }
 
 /// The server's message (and detail) of a database error, else the error itself.

@@ -26,6 +26,7 @@ pub mod message;
 pub mod monitor;
 pub mod pgoutput;
 pub mod privileges;
+pub mod state;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -57,9 +58,10 @@ pub enum SourceError {
     /// The server or the configuration is not set up for outboxd: stop and tell.
     #[error("{0}")]
     Setup(String),
-    /// The slot was invalidated or vanished: a gap is possible. Stop and tell.
+    /// The slot was lost, or the table or publication it streams from changed: a gap
+    /// is possible and only an operator can accept it. Wait (not ready) and tell.
     #[error("{0}")]
-    SlotLost(String),
+    Blocked(String),
     /// The outbox table changed shape: stop and tell.
     #[error(transparent)]
     Schema(#[from] OutboxError),
@@ -105,6 +107,13 @@ impl SourceError {
             // The slot is the lock: only one connection streams from it at a time.
             if msg.contains("SQLSTATE 55006") || msg.contains("is active for PID") {
                 return SourceError::SlotBusy(msg);
+            }
+            // The walsender decodes with the catalog of the change's time: a publication
+            // dropped (and perhaps created again) since is missing there. Reconnect: the
+            // next session's set-up compares the publication with the slot's record and
+            // tells the operator what recovers (see `relay::setup`).
+            if msg.contains("publication") && msg.contains("does not exist") {
+                return SourceError::Connection(msg);
             }
             // Errors the server will repeat on every attempt until an operator acts.
             for (needle, fix) in [
