@@ -47,7 +47,7 @@ const TIME_TYPES: &[u32] = &[oid::TIMESTAMPTZ, oid::TIMESTAMP];
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum OutboxError {
     /// The table's shape does not match the mapping. Fatal: needs an operator.
-    #[error("outbox table {table}: column {column:?} ({role}) {problem}; fix the table or [postgres.columns] {role}")]
+    #[error("outbox table {table}: column {column:?} ({role}) {problem}. {}", schema_advice(.role))]
     Schema {
         /// `schema.table`.
         table: String,
@@ -66,6 +66,32 @@ pub enum OutboxError {
         /// Short reason, e.g. `event_type is null`.
         reason: String,
     },
+}
+
+/// What helps when the table's shape no longer fits the mapping. Rows written in that
+/// shape are in the WAL already and are decoded with it whatever the table looks like
+/// later, so fixing the table alone never gets the stream past them.
+fn schema_advice(role: &str) -> String {
+    let in_wal = "Rows written while the table has this shape are already in the WAL, so \
+                  changing the table back does not help them";
+    if matches!(
+        role,
+        "id" | "aggregate_type" | "aggregate_id" | "event_type" | "payload"
+    ) {
+        format!(
+            "{in_wal}. Either map [postgres.columns] {role} to a column of a supported type that \
+             those rows have, or change the column back (so the rows in the table are readable \
+             again), drop the replication slot and start once with `outboxd run \
+             --allow-new-slot`: the new slot starts after those WAL records and the rows \
+             committed since the last confirmed position are republished from the table"
+        )
+    } else {
+        format!(
+            "{in_wal}. The column is optional: stop mapping it ([postgres.columns] {role} = \"\") \
+             and restart; those events go out without it. Map it again once the relay has \
+             passed them"
+        )
+    }
 }
 
 impl OutboxError {
