@@ -221,8 +221,10 @@ pub struct PostgresConfig {
     /// often (jittered ±50 %), in ms. Bounds takeover time. Default 1000.
     pub standby_poll_ms: u64,
     /// When `outboxd run` creates the slot, first publish the rows already in the
-    /// outbox table, consistently with the stream (README, "Initial snapshot").
-    /// Default false.
+    /// outbox table, exactly once relative to the stream (README, "Initial
+    /// snapshot"): rows an application commits while outboxd first starts are not
+    /// lost. Set false only when another relay already published those rows (a
+    /// migration). Default true.
     pub initial_snapshot: bool,
     /// Column names of the outbox table.
     pub columns: ColumnMapping,
@@ -249,7 +251,7 @@ impl Default for PostgresConfig {
             resync_table: false,
             failover_slot: false,
             standby_poll_ms: 1000,
-            initial_snapshot: false,
+            initial_snapshot: true,
             columns: ColumnMapping::default(),
             tls: PostgresTlsConfig::default(),
         }
@@ -1012,7 +1014,7 @@ mod tests {
         Jail::expect_with(|jail| {
             let cfg = load_in(jail, "[postgres]\nurl = \"postgres://h/db\"\n").expect("ok");
             assert!(!cfg.retention.enabled);
-            assert!(!cfg.postgres.initial_snapshot);
+            assert!(cfg.postgres.initial_snapshot);
             assert_eq!(cfg.retention.older_than_secs, 86_400);
             let err = load_in(
                 jail,

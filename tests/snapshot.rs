@@ -2,7 +2,8 @@
 //! Postgres and nats-server: rows already in the table plus rows written while the
 //! slot is created arrive exactly once and in per-aggregate order, also with two
 //! instances racing to create the slot; a SIGKILL during the snapshot is survived;
-//! without the option, old rows stay unpublished as before.
+//! it is the default, so an application that writes while outboxd first starts loses
+//! nothing; with the opt-out, old rows stay unpublished.
 
 use crate::support;
 
@@ -252,12 +253,16 @@ async fn without_initial_snapshot_old_rows_stay_unpublished() {
     }
     let old = pg.outbox_ids().await;
 
-    // When outboxd starts with the default (initial_snapshot = false)
+    // When outboxd starts with the opt-out (initial_snapshot = false, as when another
+    // relay published those rows before)
     let port = free_port();
     let _relay = Relay::spawn(&config(
         &pg,
         Some(&nats),
-        &[("http", "listen", &format!("\"127.0.0.1:{port}\""))],
+        &[
+            ("http", "listen", &format!("\"127.0.0.1:{port}\"")),
+            ("postgres", "initial_snapshot", "false"),
+        ],
     ));
     pg.wait_streaming("outboxd").await;
     for n in 0..5i64 {
@@ -419,4 +424,49 @@ async fn slots_become(pg: &Postgres, n: i64, timeout: Duration) -> bool {
             == n
     })
     .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_started_just_before_the_first_start_loses_nothing_by_default() {
+    // Given an application that starts writing a moment before outboxd first starts
+    // (a first rollout), with the default configuration
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let nats = Nats::start();
+    let js = nats.jetstream().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let w = writer(&pg, "w", stop.clone());
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            pg.outbox_ids().await.len() >= 50
+        })
+        .await
+    );
+    let _relay = Relay::spawn(&config(&pg, Some(&nats), &[]));
+    pg.wait_streaming("outboxd").await;
+    // When it keeps writing for a while after the relay streams
+    let streaming_at = pg.outbox_ids().await.len();
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            pg.outbox_ids().await.len() >= streaming_at + 50
+        })
+        .await
+    );
+    stop.store(true, Ordering::Relaxed);
+    w.await.expect("writer");
+
+    // Then every committed row arrives exactly once, in order per aggregate
+    let all = pg.outbox_ids().await;
+    assert!(
+        wait_for(Duration::from_secs(60), || async {
+            stream_len(&js, "OUTBOX").await >= all.len() as u64
+        })
+        .await,
+        "{} of {} arrived",
+        stream_len(&js, "OUTBOX").await,
+        all.len()
+    );
+    let msgs = read_stream(&js, "OUTBOX").await;
+    assert_delivered_once(&msgs, &all);
+    assert_per_aggregate_order(&msgs);
 }
