@@ -42,6 +42,19 @@ pub enum ConfigError {
     /// The file, the environment or a type did not parse (figment names the key).
     #[error("{0}")]
     Parse(String),
+    /// The file is not valid TOML. Only the position and the parser's message are
+    /// kept: the parser's own rendering quotes the line, which may hold a secret.
+    #[error("{}: TOML syntax error at line {line}, column {column}: {message}", .file.display())]
+    Syntax {
+        /// The configuration file.
+        file: PathBuf,
+        /// 1-based line of the error.
+        line: usize,
+        /// 1-based column (in characters) of the error.
+        column: usize,
+        /// What the parser expected, e.g. `invalid basic string`.
+        message: String,
+    },
     /// A value parsed but is not acceptable.
     #[error("{key}: {reason}")]
     Invalid {
@@ -626,6 +639,7 @@ impl Config {
                     format!("file {} does not exist", path.display()),
                 ));
             }
+            check_syntax(path)?;
             fig = fig.merge(Toml::file_exact(path));
         }
         fig = fig.merge(env_provider());
@@ -820,6 +834,35 @@ fn env_provider() -> Env {
     Env::prefixed(ENV_PREFIX)
         .filter(|k| k.as_str().contains("__"))
         .split("__")
+}
+
+/// Parses `path` as TOML once before figment does: figment would report a syntax
+/// error with the parser's rendering, which quotes the offending line, and that line
+/// may be `url = "postgres://relay:<password>@…`. Keeps the position and the
+/// parser's message (which names expected tokens and keys, never the input); an
+/// unreadable file is left to figment, whose I/O error quotes nothing.
+fn check_syntax(path: &Path) -> Result<(), ConfigError> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let Err(e) = text.parse::<toml::Table>() else {
+        return Ok(());
+    };
+    let at = e.span().map_or(0, |s| s.start.min(text.len()));
+    let before = text.get(..at).unwrap_or_default();
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    Err(ConfigError::Syntax {
+        file: path.to_path_buf(),
+        line: before.matches('\n').count() + 1,
+        column: before[line_start..].chars().count() + 1,
+        message: e
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join("; "),
+    })
 }
 
 /// Turns figment's error into one line per problem, each naming the key, never a value
