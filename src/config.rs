@@ -639,8 +639,7 @@ impl Config {
                     format!("file {} does not exist", path.display()),
                 ));
             }
-            check_syntax(path)?;
-            fig = fig.merge(Toml::file_exact(path));
+            fig = fig.merge(TomlFile::read(path)?);
         }
         fig = fig.merge(env_provider());
         let mut cfg: Config = fig.extract().map_err(|e| ConfigError::Parse(describe(e)))?;
@@ -836,33 +835,54 @@ fn env_provider() -> Env {
         .split("__")
 }
 
-/// Parses `path` as TOML once before figment does: figment would report a syntax
-/// error with the parser's rendering, which quotes the offending line, and that line
-/// may be `url = "postgres://relay:<password>@…`. Keeps the position and the
-/// parser's message (which names expected tokens and keys, never the input); an
-/// unreadable file is left to figment, whose I/O error quotes nothing.
-fn check_syntax(path: &Path) -> Result<(), ConfigError> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let Err(e) = text.parse::<toml::Table>() else {
-        return Ok(());
-    };
-    let at = e.span().map_or(0, |s| s.start.min(text.len()));
-    let before = text.get(..at).unwrap_or_default();
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    Err(ConfigError::Syntax {
-        file: path.to_path_buf(),
-        line: before.matches('\n').count() + 1,
-        column: before[line_start..].chars().count() + 1,
-        message: e
-            .message()
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect::<Vec<_>>()
-            .join("; "),
-    })
+/// The configuration file, read once (it may be a pipe, e.g. `--config <(…)`) and
+/// parsed once more before figment does: figment would report a syntax error with
+/// the parser's rendering, which quotes the offending line, and that line may be
+/// `url = "postgres://relay:<password>@…`. A syntax error keeps the position and the
+/// parser's message (which names expected tokens and keys, never the input).
+struct TomlFile {
+    path: PathBuf,
+    text: String,
+}
+
+impl TomlFile {
+    fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid("--config", format!("cannot read {}: {e}", path.display())))?;
+        if let Err(e) = text.parse::<toml::Table>() {
+            let at = e.span().map_or(0, |s| s.start.min(text.len()));
+            let before = text.get(..at).unwrap_or_default();
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            return Err(ConfigError::Syntax {
+                file: path.to_path_buf(),
+                line: before.matches('\n').count() + 1,
+                column: before[line_start..].chars().count() + 1,
+                message: e
+                    .message()
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            });
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            text,
+        })
+    }
+}
+
+impl figment::Provider for TomlFile {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::from("TOML file", self.path.as_path())
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        Toml::string(&self.text).data()
+    }
 }
 
 /// Turns figment's error into one line per problem, each naming the key, never a value

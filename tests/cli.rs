@@ -242,3 +242,27 @@ async fn failover_slot_before_postgres_17_is_refused_with_the_reason() {
         "no slot was created"
     );
 }
+
+#[test]
+fn a_config_from_a_pipe_is_read_once() {
+    // Given the config on a pipe (`--config /dev/stdin`, as `--config <(…)` gives)
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["setup", "--config", "/dev/stdin"])
+        .env_remove("OUTBOXD_CONFIG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run outboxd");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"[postgres]\nurl = \"postgres://h/db\"\nslot = \"from_pipe\"\n")
+        .expect("write config");
+    let o = child.wait_with_output().expect("outboxd output");
+    // Then it loads as written (a second read of the pipe would find it empty)
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("from_pipe"), "{}", stdout(&o));
+}
