@@ -11,11 +11,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+mod env;
 mod security;
+pub use env::{unused_env_vars, UnusedEnvVar};
 pub(crate) use security::NatsAuth;
 pub use security::{redact_url, redact_userinfo};
 
@@ -641,7 +643,7 @@ impl Config {
             }
             fig = fig.merge(TomlFile::read(path)?);
         }
-        fig = fig.merge(env_provider());
+        fig = fig.merge(env::provider());
         let mut cfg: Config = fig.extract().map_err(|e| ConfigError::Parse(describe(e)))?;
         cfg.resolve_secret_files()?;
         cfg.validate()?;
@@ -827,14 +829,6 @@ fn read_secret(key: &str, path: &Path) -> Result<String, ConfigError> {
         })
 }
 
-fn env_provider() -> Env {
-    // `OUTBOXD_POSTGRES__URL` -> `postgres.url`. Single-underscore variables such as
-    // `OUTBOXD_CONFIG` (the CLI's own) are not configuration keys.
-    Env::prefixed(ENV_PREFIX)
-        .filter(|k| k.as_str().contains("__"))
-        .split("__")
-}
-
 /// The configuration file, read once (it may be a pipe, e.g. `--config <(…)`) and
 /// parsed once more before figment does: figment would report a syntax error with
 /// the parser's rendering, which quotes the offending line, and that line may be
@@ -888,6 +882,8 @@ impl figment::Provider for TomlFile {
 /// Turns figment's error into one line per problem, each naming the key, never a value
 /// of a secret key.
 fn describe(err: figment::Error) -> String {
+    use figment::Provider as _;
+    let from_env = env::provider().metadata().name;
     err.into_iter()
         .map(|e| {
             let key = e.path.join(".");
@@ -897,10 +893,22 @@ fn describe(err: figment::Error) -> String {
                 .as_ref()
                 .map(|m| m.name.to_string())
                 .unwrap_or_default();
+            // A digits-only password or `true` from the environment arrives as a
+            // number or a boolean: say how to keep it a string.
+            let hint = match &e.kind {
+                figment::error::Kind::InvalidType(actual, expected)
+                    if origin == from_env
+                        && expected.contains("string")
+                        && !matches!(actual, figment::error::Actual::Str(_)) =>
+                {
+                    env::quoting_hint(&key)
+                }
+                _ => String::new(),
+            };
             if key.is_empty() {
                 format!("{kind} ({origin})")
             } else {
-                format!("{key}: {kind} ({origin})")
+                format!("{key}: {kind} ({origin}){hint}")
             }
         })
         .collect::<Vec<_>>()
