@@ -18,8 +18,8 @@ use serde::{Deserialize, Serialize};
 mod env;
 mod security;
 pub use env::{unused_env_vars, UnusedEnvVar};
-pub(crate) use security::NatsAuth;
 pub use security::{redact_url, redact_userinfo};
+pub(crate) use security::{NatsAuth, UrlCredentials};
 
 /// Default replication slot name.
 pub const DEFAULT_SLOT: &str = "outboxd";
