@@ -586,6 +586,17 @@ pub struct HttpConfig {
     pub basic_auth_password: Secret,
     /// File holding the basic auth password; overrides `basic_auth_password`.
     pub basic_auth_password_file: Option<PathBuf>,
+    /// A client must send a complete request head within this many ms of connecting,
+    /// or of the previous response on a kept-alive connection; else the connection
+    /// is closed. Bounds slowloris and idle connections. Default 5000.
+    pub header_read_timeout_ms: u64,
+    /// A connection is closed after this many seconds, once its response in progress
+    /// is sent (a client keeping it busy with requests cannot hold it). Default 60.
+    pub max_connection_age_secs: u64,
+    /// Connections open at most; at the limit a new one closes the oldest. Lowered
+    /// at start-up to what the file-descriptor limit leaves after 64 for the relay's
+    /// own connections. Default 256.
+    pub max_connections: usize,
 }
 
 impl Default for HttpConfig {
@@ -597,6 +608,9 @@ impl Default for HttpConfig {
             basic_auth_user: String::new(),
             basic_auth_password: Secret::default(),
             basic_auth_password_file: None,
+            header_read_timeout_ms: 5000,
+            max_connection_age_secs: 60,
+            max_connections: 256,
         }
     }
 }
@@ -757,6 +771,21 @@ impl Config {
                 "http.listen",
                 "must be host:port, e.g. 0.0.0.0:9187",
             ));
+        }
+        for (key, value) in [
+            (
+                "http.header_read_timeout_ms",
+                self.http.header_read_timeout_ms,
+            ),
+            (
+                "http.max_connection_age_secs",
+                self.http.max_connection_age_secs,
+            ),
+            ("http.max_connections", self.http.max_connections as u64),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be > 0"));
+            }
         }
         self.http.validate_auth()?;
         match self.sink.kind {

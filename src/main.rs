@@ -256,6 +256,8 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
         metrics: Metrics::new()?,
         health: Health::new(&cfg.postgres.slot, &cfg.postgres.publication),
     });
+    // More descriptors for the relay's connections and the bounded HTTP server.
+    outboxd::http::raise_fd_limit();
     // The endpoints keep answering while the relay drains; they stop after it.
     let http_stop = CancellationToken::new();
     let http = outboxd::http::bind(&cfg.http, telemetry.clone(), http_stop.clone()).await?;

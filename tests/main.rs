@@ -11,6 +11,7 @@ mod dead_letter;
 mod failures_connections;
 mod failures_crash;
 mod failures_edges;
+mod http_limits;
 mod huge_transaction;
 mod observability;
 mod relay_kafka;
