@@ -11,13 +11,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Serialized, Toml};
+use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+mod env;
 mod security;
-pub(crate) use security::NatsAuth;
+pub use env::{unused_env_vars, UnusedEnvVar};
 pub use security::{redact_url, redact_userinfo};
+pub(crate) use security::{NatsAuth, UrlCredentials};
 
 /// Default replication slot name.
 pub const DEFAULT_SLOT: &str = "outboxd";
@@ -42,6 +44,19 @@ pub enum ConfigError {
     /// The file, the environment or a type did not parse (figment names the key).
     #[error("{0}")]
     Parse(String),
+    /// The file is not valid TOML. Only the position and the parser's message are
+    /// kept: the parser's own rendering quotes the line, which may hold a secret.
+    #[error("{}: TOML syntax error at line {line}, column {column}: {message}", .file.display())]
+    Syntax {
+        /// The configuration file.
+        file: PathBuf,
+        /// 1-based line of the error.
+        line: usize,
+        /// 1-based column (in characters) of the error.
+        column: usize,
+        /// What the parser expected, e.g. `invalid basic string`.
+        message: String,
+    },
     /// A value parsed but is not acceptable.
     #[error("{key}: {reason}")]
     Invalid {
@@ -583,6 +598,17 @@ pub struct HttpConfig {
     /// outages do not take the pod out of service) or `strict` (also not ready while
     /// publishes fail or the relay is not streaming or standing by).
     pub readiness: ReadinessMode,
+    /// A client must send a complete request head within this many ms of connecting,
+    /// or of the previous response on a kept-alive connection; else the connection
+    /// is closed. Bounds slowloris and idle connections. Default 5000.
+    pub header_read_timeout_ms: u64,
+    /// A connection is closed after this many seconds, once its response in progress
+    /// is sent (a client keeping it busy with requests cannot hold it). Default 60.
+    pub max_connection_age_secs: u64,
+    /// Connections open at most; at the limit a new one closes the oldest. Lowered
+    /// at start-up to what the file-descriptor limit leaves after 64 for the relay's
+    /// own connections. Default 256.
+    pub max_connections: usize,
 }
 
 /// `http.readiness`.
@@ -605,6 +631,9 @@ impl Default for HttpConfig {
             basic_auth_password: Secret::default(),
             basic_auth_password_file: None,
             readiness: ReadinessMode::Sidecar,
+            header_read_timeout_ms: 5000,
+            max_connection_age_secs: 60,
+            max_connections: 256,
         }
     }
 }
@@ -649,9 +678,9 @@ impl Config {
                     format!("file {} does not exist", path.display()),
                 ));
             }
-            fig = fig.merge(Toml::file_exact(path));
+            fig = fig.merge(TomlFile::read(path)?);
         }
-        fig = fig.merge(env_provider());
+        fig = fig.merge(env::provider());
         let mut cfg: Config = fig.extract().map_err(|e| ConfigError::Parse(describe(e)))?;
         cfg.resolve_secret_files()?;
         cfg.validate()?;
@@ -766,6 +795,21 @@ impl Config {
                 "must be host:port, e.g. 0.0.0.0:9187",
             ));
         }
+        for (key, value) in [
+            (
+                "http.header_read_timeout_ms",
+                self.http.header_read_timeout_ms,
+            ),
+            (
+                "http.max_connection_age_secs",
+                self.http.max_connection_age_secs,
+            ),
+            ("http.max_connections", self.http.max_connections as u64),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be > 0"));
+            }
+        }
         self.http.validate_auth()?;
         match self.sink.kind {
             SinkKind::Nats => {
@@ -837,17 +881,61 @@ fn read_secret(key: &str, path: &Path) -> Result<String, ConfigError> {
         })
 }
 
-fn env_provider() -> Env {
-    // `OUTBOXD_POSTGRES__URL` -> `postgres.url`. Single-underscore variables such as
-    // `OUTBOXD_CONFIG` (the CLI's own) are not configuration keys.
-    Env::prefixed(ENV_PREFIX)
-        .filter(|k| k.as_str().contains("__"))
-        .split("__")
+/// The configuration file, read once (it may be a pipe, e.g. `--config <(…)`) and
+/// parsed once more before figment does: figment would report a syntax error with
+/// the parser's rendering, which quotes the offending line, and that line may be
+/// `url = "postgres://relay:<password>@…`. A syntax error keeps the position and the
+/// parser's message (which names expected tokens and keys, never the input).
+struct TomlFile {
+    path: PathBuf,
+    text: String,
+}
+
+impl TomlFile {
+    fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid("--config", format!("cannot read {}: {e}", path.display())))?;
+        if let Err(e) = text.parse::<toml::Table>() {
+            let at = e.span().map_or(0, |s| s.start.min(text.len()));
+            let before = text.get(..at).unwrap_or_default();
+            let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+            return Err(ConfigError::Syntax {
+                file: path.to_path_buf(),
+                line: before.matches('\n').count() + 1,
+                column: before[line_start..].chars().count() + 1,
+                message: e
+                    .message()
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            });
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            text,
+        })
+    }
+}
+
+impl figment::Provider for TomlFile {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::from("TOML file", self.path.as_path())
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        Toml::string(&self.text).data()
+    }
 }
 
 /// Turns figment's error into one line per problem, each naming the key, never a value
 /// of a secret key.
 fn describe(err: figment::Error) -> String {
+    use figment::Provider as _;
+    let from_env = env::provider().metadata().name;
     err.into_iter()
         .map(|e| {
             let key = e.path.join(".");
@@ -857,10 +945,22 @@ fn describe(err: figment::Error) -> String {
                 .as_ref()
                 .map(|m| m.name.to_string())
                 .unwrap_or_default();
+            // A digits-only password or `true` from the environment arrives as a
+            // number or a boolean: say how to keep it a string.
+            let hint = match &e.kind {
+                figment::error::Kind::InvalidType(actual, expected)
+                    if origin == from_env
+                        && expected.contains("string")
+                        && !matches!(actual, figment::error::Actual::Str(_)) =>
+                {
+                    env::quoting_hint(&key)
+                }
+                _ => String::new(),
+            };
             if key.is_empty() {
                 format!("{kind} ({origin})")
             } else {
-                format!("{key}: {kind} ({origin})")
+                format!("{key}: {kind} ({origin}){hint}")
             }
         })
         .collect::<Vec<_>>()

@@ -129,6 +129,9 @@ fn main() -> ExitCode {
     | Command::Check { config: c, .. }
     | Command::Replay { config: c, .. }
     | Command::Setup { config: c, .. }) = &cli.command;
+    // Read before the config so that a config error can say why (a URL in
+    // OUTBOXD_POSTGRES_URL is "missing"); logged once logging runs.
+    let unused_env = outboxd::config::unused_env_vars();
     let cfg = match Config::load(c.config.as_deref()) {
         Ok(mut cfg) => {
             if let Command::Run {
@@ -143,11 +146,17 @@ fn main() -> ExitCode {
             cfg
         }
         Err(e) => {
+            for u in &unused_env {
+                eprintln!("outboxd: warning: {u}");
+            }
             eprintln!("outboxd: configuration error: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     init_logging(&cfg);
+    for u in &unused_env {
+        tracing::warn!(variable = %u.name, intended = u.intended.as_deref(), "{u}");
+    }
     // A panic message may quote an error that quotes a URL: print it (and log it)
     // with user information redacted, never as the default hook would.
     std::panic::set_hook(Box::new(|info| {
@@ -268,6 +277,8 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
             },
         ),
     });
+    // More descriptors for the relay's connections and the bounded HTTP server.
+    outboxd::http::raise_fd_limit();
     // The endpoints keep answering while the relay drains; they stop after it.
     let http_stop = CancellationToken::new();
     let http = outboxd::http::bind(&cfg.http, telemetry.clone(), http_stop.clone()).await?;

@@ -242,3 +242,171 @@ async fn failover_slot_before_postgres_17_is_refused_with_the_reason() {
         "no slot was created"
     );
 }
+
+/// `outboxd <args>` with exactly the `OUTBOXD_*` variables of `env` (none inherited)
+/// and, when given, `config_text` as `--config`.
+fn outboxd_env(args: &[&str], config_text: Option<&str>, env: &[(&str, &str)]) -> Output {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outboxd"));
+    cmd.args(args);
+    if let Some(text) = config_text {
+        let path = dir.path().join("outboxd.toml");
+        std::fs::write(&path, text).expect("write config");
+        cmd.arg("--config").arg(path);
+    }
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy()
+            .to_ascii_uppercase()
+            .starts_with("OUTBOXD_")
+        {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run outboxd")
+}
+
+/// A value that must never be shown, set through the environment.
+const ENV_SECRET: &str = "envOnlySecret-5e1b";
+
+#[test]
+fn a_single_underscore_variable_is_named_with_the_one_meant() {
+    // Given the URL in OUTBOXD_POSTGRES_URL (one underscore), the file in
+    // OUTBOXD_CONFIG and the service links Kubernetes sets for a Service "outboxd"
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("outboxd.toml");
+    std::fs::write(&file, "[log]\nformat = \"text\"\n").expect("write config");
+    let url = format!("postgres://relay:{ENV_SECRET}@127.0.0.1:1/db");
+    let o = outboxd_env(
+        &["check"],
+        None,
+        &[
+            ("OUTBOXD_POSTGRES_URL", &url),
+            ("OUTBOXD_CONFIG", &file.display().to_string()),
+            ("OUTBOXD_SERVICE_HOST", "10.0.0.7"),
+            ("OUTBOXD_PORT_9187_TCP_ADDR", "10.0.0.7"),
+        ],
+    );
+    // Then the error says the URL is missing and names the variable that was meant,
+    // never its value, and nothing about the variables that are not keys
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(78), "{e}");
+    assert!(e.contains("postgres.url: missing"), "{e}");
+    assert!(
+        e.contains("OUTBOXD_POSTGRES_URL sets no configuration key")
+            && e.contains("did you mean OUTBOXD_POSTGRES__URL?"),
+        "{e}"
+    );
+    assert!(!e.contains(ENV_SECRET), "{e}");
+    for theirs in ["OUTBOXD_CONFIG", "OUTBOXD_SERVICE_HOST", "OUTBOXD_PORT_"] {
+        assert!(!e.contains(theirs), "{theirs}: {e}");
+    }
+}
+
+#[test]
+fn variables_that_set_no_key_are_logged_once_logging_runs() {
+    // Given a valid config and two variables with one underscore too few
+    let cfg = "[postgres]\nurl = \"postgres://h/db\"\n[log]\nformat = \"text\"\n";
+    let o = outboxd_env(
+        &["setup"],
+        Some(cfg),
+        &[
+            ("OUTBOXD_LOG_LEVEL", "debug"),
+            ("OUTBOXD_NATS_PASSWORD", ENV_SECRET),
+        ],
+    );
+    // Then the command works and the log warns about each, with the name meant
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    for (set, meant) in [
+        ("OUTBOXD_LOG_LEVEL", "OUTBOXD_LOG__LEVEL"),
+        ("OUTBOXD_NATS_PASSWORD", "OUTBOXD_NATS__PASSWORD"),
+    ] {
+        assert!(
+            e.lines()
+                .any(|l| l.contains("WARN") && l.contains(set) && l.contains(meant)),
+            "{set}: {e}"
+        );
+    }
+    assert!(
+        !e.contains(ENV_SECRET) && !stdout(&o).contains(ENV_SECRET),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_misspelt_key_in_a_variable_gets_the_one_meant() {
+    let o = outboxd_env(
+        &["check"],
+        Some("[postgres]\nurl = \"postgres://h/db\"\n"),
+        &[("OUTBOXD_POSTGRES__SLOTT", "other")],
+    );
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(78), "{e}");
+    assert!(e.contains("slott"), "{e}");
+    assert!(e.contains("did you mean OUTBOXD_POSTGRES__SLOT?"), "{e}");
+}
+
+#[test]
+fn a_digits_only_or_boolean_secret_from_the_environment_gets_a_quoting_hint() {
+    let cfg = "[postgres]\nurl = \"postgres://h/db\"\n[sink]\nkind = \"nats\"\n\
+               [nats]\nuser = \"outboxd\"\n";
+    for (var, value, file_key) in [
+        ("OUTBOXD_NATS__PASSWORD", "0123456789", "nats.password_file"),
+        (
+            "OUTBOXD_HTTP__BEARER_TOKEN",
+            "true",
+            "http.bearer_token_file",
+        ),
+    ] {
+        // Given a secret that the environment's TOML-like parsing reads as a number
+        // or a boolean
+        let mut env = vec![(var, value)];
+        if var != "OUTBOXD_NATS__PASSWORD" {
+            env.push(("OUTBOXD_NATS__PASSWORD", "\"pw\""));
+        }
+        let o = outboxd_env(&["setup"], Some(cfg), &env);
+        // Then the error names the key, says how to quote it, and not the value
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(78), "{e}");
+        assert!(e.contains("invalid type"), "{e}");
+        assert!(e.contains(&format!("{var}='\"<value>\"'")), "{e}");
+        assert!(e.contains(file_key), "{e}");
+        assert!(!e.contains("0123456789") && !e.contains("123456789"), "{e}");
+        // And quoted as the hint says, it is accepted
+        let quoted = format!("\"{value}\"");
+        let mut env = vec![(var, quoted.as_str())];
+        if var != "OUTBOXD_NATS__PASSWORD" {
+            env.push(("OUTBOXD_NATS__PASSWORD", "\"pw\""));
+        }
+        let o = outboxd_env(&["setup"], Some(cfg), &env);
+        assert!(o.status.success(), "{var}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn a_config_from_a_pipe_is_read_once() {
+    // Given the config on a pipe (`--config /dev/stdin`, as `--config <(…)` gives)
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .args(["setup", "--config", "/dev/stdin"])
+        .env_remove("OUTBOXD_CONFIG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run outboxd");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"[postgres]\nurl = \"postgres://h/db\"\nslot = \"from_pipe\"\n")
+        .expect("write config");
+    let o = child.wait_with_output().expect("outboxd output");
+    // Then it loads as written (a second read of the pipe would find it empty)
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("from_pipe"), "{}", stdout(&o));
+}

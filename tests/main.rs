@@ -13,6 +13,7 @@ mod failures_connections;
 mod failures_crash;
 mod failures_edges;
 mod hostile_rows;
+mod http_limits;
 mod huge_transaction;
 mod observability;
 mod relay_kafka;

@@ -336,3 +336,46 @@ async fn no_secret_is_ever_printed() {
 
     seen.assert_no_secret();
 }
+
+/// A secret for the syntax-error test; both halves must stay hidden, also around a
+/// bad escape (`\q`) between them.
+const BROKEN_LEFT: &str = "brokenLeft-6d1f";
+const BROKEN_RIGHT: &str = "brokenRight-2a9c";
+
+#[test]
+fn a_toml_syntax_error_shows_line_and_column_but_never_the_line() {
+    // Given a config file whose line 4 holds a secret and is not valid TOML, in each
+    // of the ways a hand-edited file breaks
+    let (l, r) = (BROKEN_LEFT, BROKEN_RIGHT);
+    for (section, key, value) in [
+        (
+            "postgres",
+            "url",
+            format!("postgres://relay:{l}{r}@db:5432/app"),
+        ),
+        ("nats", "url", format!("nats://outboxd:{l}{r}@nats:4222")),
+        ("nats", "password", format!("{l}{r}")),
+        ("http", "bearer_token", format!("{l}{r}")),
+    ] {
+        for (line, at) in [
+            (format!("{key} = \"{value}"), "line 4, column "),
+            (format!("{key} = \"{l}\\q{r}\""), "line 4, column "),
+            (format!("{key} = {value}"), "line 4, column "),
+            (format!("{key} = \"{value}\" {r}"), "line 4, column "),
+            (format!("{key} \"{value}\""), "line 4, column "),
+            // An unterminated multi-line string runs to the end of the file
+            (format!("{key} = '''{value}"), "line 7, column 1"),
+        ] {
+            let text = format!("# outboxd\n\n[{section}]\n{line}\n[log]\nformat = \"text\"\n");
+            // When outboxd loads it
+            let out = outboxd(Some(&text), &["check"], &[]);
+            // Then it is a configuration error that shows neither half of the
+            // secret, and points at the line and column with the parser's message
+            assert_eq!(out.code, Some(78), "{line}: {}", out.all());
+            for half in [l, r] {
+                assert!(!out.all().contains(half), "{line}: {}", out.all());
+            }
+            assert!(out.stderr.contains(at), "{line}: {}", out.stderr);
+        }
+    }
+}

@@ -321,3 +321,97 @@ async fn a_creds_file_logs_in_to_a_server_in_operator_mode() {
         check.all()
     );
 }
+
+/// A password with the characters a URL must percent-encode (`@ : / %`).
+const URL_PASSWORD: &str = "p@ss:w/rd%41-9c2e";
+/// [`URL_PASSWORD`] as it stands in a URL.
+const URL_PASSWORD_ENCODED: &str = "p%40ss%3Aw%2Frd%2541-9c2e";
+const URL_TOKEN: &str = "urlT0ken-d41b7e";
+
+/// The `nats broker` line of `outboxd check`'s output.
+fn broker_line(out: &support::secure::Output) -> String {
+    out.stdout
+        .lines()
+        .find(|l| l.contains("nats broker"))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_inside_nats_url_log_in_and_are_never_shown() {
+    // Given a TLS nats-server with one user whose password needs percent-encoding,
+    // and the credentials only inside nats.url
+    let pki = Pki::generate();
+    let nats = SecureNats::start(&pki, &user_block("outboxd", URL_PASSWORD), false);
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let url = format!(
+        "\"tls://outboxd:{URL_PASSWORD_ENCODED}@127.0.0.1:{}\"",
+        nats.port
+    );
+    let cfg = nats_config(&pg, &nats, &pki, &[("nats", "url", &url)]);
+
+    // When the relay runs
+    let relay = Relay::spawn(&cfg);
+    pg.wait_streaming("outboxd").await;
+    let db = pg.client().await;
+    for n in 0..2 {
+        insert_event(&db, "o-1", n).await.expect("insert");
+    }
+
+    // Then it logs in with them and the events arrive
+    let js = nats
+        .jetstream(
+            &pki,
+            async_nats::ConnectOptions::with_user_and_password(
+                "outboxd".into(),
+                URL_PASSWORD.into(),
+            ),
+        )
+        .await;
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            stream_len(&js, "OUTBOX").await == 2
+        })
+        .await,
+        "events did not arrive; stderr:\n{}\nserver log:\n{}",
+        relay.stderr(),
+        nats.log()
+    );
+    // And `outboxd check` passes, also with the client library's debug logging on
+    let check = outboxd(Some(&cfg), &["check"], &[("RUST_LOG", "debug")]);
+    assert!(broker_line(&check).starts_with("ok"), "{}", check.all());
+    // And the password shows nowhere, neither as written nor decoded
+    for text in [relay.stderr(), relay.stdout(), check.all()] {
+        for secret in [URL_PASSWORD, URL_PASSWORD_ENCODED] {
+            assert!(!text.contains(secret), "{secret} shown:\n{text}");
+        }
+    }
+
+    // And a token inside the URL (`tls://<token>@host`) logs in to a token server
+    let token_server = SecureNats::start(
+        &pki,
+        &format!("authorization {{\n  token: \"{URL_TOKEN}\"\n}}"),
+        false,
+    );
+    let url = format!("\"tls://{URL_TOKEN}@127.0.0.1:{}\"", token_server.port);
+    let token_cfg = nats_config(&pg, &token_server, &pki, &[("nats", "url", &url)]);
+    let check = outboxd(Some(&token_cfg), &["check"], &[("RUST_LOG", "debug")]);
+    assert!(broker_line(&check).starts_with("ok"), "{}", check.all());
+    assert!(!check.all().contains(URL_TOKEN), "{}", check.all());
+
+    // And credentials in the URL together with a credential key are refused by key
+    let both = outboxd(
+        Some(&token_cfg),
+        &["check"],
+        &[("OUTBOXD_NATS__TOKEN", "\"another\"")],
+    );
+    assert_eq!(both.code, Some(78), "{}", both.all());
+    assert!(
+        both.stderr
+            .contains("nats.url: carries credentials and nats.token"),
+        "{}",
+        both.all()
+    );
+    assert!(!both.all().contains(URL_TOKEN), "{}", both.all());
+}

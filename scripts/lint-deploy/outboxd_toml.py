@@ -26,7 +26,7 @@ SECTIONS = {
               "message_timeout_ms", "properties", "properties_files"},
     "retry": {"initial_backoff_ms", "max_backoff_ms"},
     "retention": {"enabled", "older_than_secs", "batch_size", "interval_secs"},
-    "http": {"listen"},
+    "http": {"listen", "header_read_timeout_ms", "max_connection_age_secs", "max_connections"},
     "log": {"format", "level"},
 }
 

@@ -45,8 +45,11 @@ impl Config {
 /// The ways to authenticate to NATS; at most one may be configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum NatsAuth {
-    /// Nothing configured (or credentials inside `nats.url`).
+    /// Nothing configured.
     None,
+    /// Inside `nats.url`: `nats://user:password@host`, or a token as
+    /// `nats://token@host` ([`NatsConfig::url_credentials`]).
+    Url,
     /// `nats.user` + `nats.password[_file]`.
     UserPassword,
     /// `nats.token[_file]`.
@@ -68,9 +71,81 @@ impl NatsConfig {
             NatsAuth::Creds
         } else if !self.nkey_seed.is_empty() {
             NatsAuth::NKey
+        } else if url_has_credentials(self.url.expose()) {
+            NatsAuth::Url
         } else {
             NatsAuth::None
         }
+    }
+
+    /// The credentials inside `nats.url`, percent-decoded: `user:password@` is a user
+    /// and password, a user alone (`token@`) is a token, as in the Go and C clients.
+    /// async-nats (0.42) never reads them from the URL (nats-io/nats.rs#1623), so
+    /// outboxd hands them over as options. It sends one set to every server, so the
+    /// URLs of a list must not carry different ones.
+    pub(crate) fn url_credentials(&self) -> Result<Option<UrlCredentials>, ConfigError> {
+        let mut found: Option<UrlCredentials> = None;
+        for (i, url) in server_urls(self.url.expose()).enumerate() {
+            let Some(url) = url.filter(|u| !u.username().is_empty() || u.password().is_some())
+            else {
+                continue;
+            };
+            let decode = |part: &str| {
+                percent_encoding::percent_decode_str(part)
+                    .decode_utf8()
+                    .map(|s| s.into_owned())
+                    .map_err(|_| {
+                        invalid(
+                            "nats.url",
+                            format!(
+                                "the credentials of server {} are not UTF-8 once percent-decoded",
+                                i + 1
+                            ),
+                        )
+                    })
+            };
+            let user = decode(url.username())?;
+            let these = match url.password() {
+                Some(password) => UrlCredentials::UserPassword {
+                    user,
+                    password: Secret::new(decode(password)?),
+                },
+                None => UrlCredentials::Token(Secret::new(user)),
+            };
+            match &found {
+                Some(first) if *first != these => {
+                    return Err(invalid(
+                        "nats.url",
+                        format!(
+                            "server {} carries other credentials than an earlier one:                              outboxd sends one set to every server, so write the same in                              each URL (or use nats.user/nats.password)",
+                            i + 1
+                        ),
+                    ))
+                }
+                Some(_) => {}
+                None => found = Some(these),
+            }
+        }
+        Ok(found)
+    }
+
+    /// `nats.url`'s servers without the credentials inside them, for the client:
+    /// async-nats ignores them anyway, and prints a server's whole URL in its debug
+    /// log.
+    pub(crate) fn servers_without_credentials(&self) -> Vec<String> {
+        let urls = self.url.expose();
+        urls.split(',')
+            .zip(server_urls(urls))
+            .map(|(text, parsed)| match parsed {
+                Some(mut u) if !u.username().is_empty() || u.password().is_some() => {
+                    // Cannot fail: the URL has a host, or it would carry no user.
+                    let _ = u.set_password(None);
+                    let _ = u.set_username("");
+                    u.to_string()
+                }
+                _ => text.trim().to_string(),
+            })
+            .collect()
     }
 
     /// True when the connection must be TLS.
@@ -94,8 +169,8 @@ impl NatsConfig {
                 "check nats.nkey_seed_file (or nats.nkey_seed): its public key must be a \
                  user of the server"
             }
-            NatsAuth::None if url_has_credentials(self.url.expose()) => {
-                "check the user and password inside nats.url"
+            NatsAuth::Url => {
+                "check the user and password (or the token) inside nats.url; in them,                  percent-encode @ : / % as %40 %3A %2F %25"
             }
             NatsAuth::None => {
                 "the server requires credentials: set nats.user + nats.password_file, \
@@ -173,6 +248,7 @@ impl NatsConfig {
                 ),
             ));
         }
+        self.url_credentials()?;
         if !methods.is_empty() && url_has_credentials(self.url.expose()) {
             return Err(invalid(
                 "nats.url",
@@ -260,12 +336,37 @@ fn pem_file(key: &str, path: &Path) -> Result<(), ConfigError> {
     }
 }
 
-fn url_has_credentials(urls: &str) -> bool {
-    urls.split(',').any(|u| {
-        url::Url::parse(u.trim())
-            .map(|u| !u.username().is_empty() || u.password().is_some())
-            .unwrap_or(false)
+/// Credentials inside `nats.url`, see [`NatsConfig::url_credentials`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum UrlCredentials {
+    /// `nats://user:password@host`.
+    UserPassword {
+        /// The user, percent-decoded.
+        user: String,
+        /// The password, percent-decoded.
+        password: Secret,
+    },
+    /// `nats://token@host`.
+    Token(Secret),
+}
+
+/// Each server of a comma-separated `nats.url`, parsed as async-nats does (a
+/// server without a scheme is `nats://`); `None` where it does not parse.
+fn server_urls(urls: &str) -> impl Iterator<Item = Option<url::Url>> + '_ {
+    urls.split(',').map(|u| {
+        let u = u.trim();
+        if u.contains("://") {
+            url::Url::parse(u).ok()
+        } else {
+            url::Url::parse(&format!("nats://{u}")).ok()
+        }
     })
+}
+
+fn url_has_credentials(urls: &str) -> bool {
+    server_urls(urls)
+        .flatten()
+        .any(|u| !u.username().is_empty() || u.password().is_some())
 }
 
 /// A connection URL (or a comma-separated list of them) fit to be shown: user
@@ -476,6 +577,14 @@ mod tests {
                     "nats.url: carries credentials and nats.token",
                 ),
                 ("url = \"nats://h:4222,::p4ss::\"\n", "nats.url: server 2"),
+                (
+                    "url = \"nats://u:p4ss@a:4222,nats://u:t0ken@b:4222\"\n",
+                    "nats.url: server 2 carries other credentials",
+                ),
+                (
+                    "url = \"nats://u:p4ss%FF@a:4222\"\n",
+                    "nats.url: the credentials of server 1 are not UTF-8",
+                ),
             ];
             for (nats, expected) in cases {
                 let err = load(jail, &format!("{BASE}[nats]\n{nats}")).expect_err(nats);
@@ -483,6 +592,50 @@ mod tests {
                 assert!(msg.starts_with(expected), "{nats}: {msg}");
                 assert!(!msg.contains("p4ss") && !msg.contains("t0ken"), "{msg}");
             }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn credentials_inside_the_url_are_decoded_and_kept_out_of_the_servers() {
+        Jail::expect_with(|jail| {
+            // Given a user and a password that needed percent-encoding, on two servers
+            let cfg = load(
+                jail,
+                &format!(
+                    "{BASE}[nats]\nurl = \"tls://app%40x:p%40ss%3Aw%2Frd%25@a:4222, b:4223\"\n"
+                ),
+            )
+            .expect("ok");
+            // Then they are the URL's credentials, decoded
+            assert_eq!(cfg.nats.auth(), NatsAuth::Url);
+            assert_eq!(
+                cfg.nats.url_credentials().expect("valid"),
+                Some(UrlCredentials::UserPassword {
+                    user: "app@x".into(),
+                    password: Secret::new("p@ss:w/rd%"),
+                })
+            );
+            // And the client gets the servers without them
+            assert_eq!(
+                cfg.nats.servers_without_credentials(),
+                vec!["tls://a:4222", "b:4223"]
+            );
+            // A user without a password is a token, also without a scheme
+            let cfg = load(jail, &format!("{BASE}[nats]\nurl = \"t0ken@a:4222\"\n")).expect("ok");
+            assert_eq!(
+                cfg.nats.url_credentials().expect("valid"),
+                Some(UrlCredentials::Token(Secret::new("t0ken")))
+            );
+            assert_eq!(
+                cfg.nats.servers_without_credentials(),
+                vec!["nats://a:4222"]
+            );
+            assert!(cfg.nats.auth_fix().contains("inside nats.url"));
+            // And a URL without credentials is none of this
+            let cfg = load(jail, BASE).expect("ok");
+            assert_eq!(cfg.nats.auth(), NatsAuth::None);
+            assert_eq!(cfg.nats.url_credentials().expect("valid"), None);
             Ok(())
         });
     }

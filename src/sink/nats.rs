@@ -25,7 +25,7 @@ use prometheus::IntCounter;
 
 use super::{Delivered, Envelope, SinkError};
 use crate::backoff;
-use crate::config::{redact_url, ContentMode, NatsAuth, NatsConfig, RetryConfig};
+use crate::config::{redact_url, ContentMode, NatsAuth, NatsConfig, RetryConfig, UrlCredentials};
 use crate::route::{Sanitize, Template};
 
 const SINK: &str = "nats";
@@ -77,7 +77,7 @@ impl NatsSink {
         let events = Arc::new(Events::default());
         let client = options(cfg, retry, events.clone(), reconnects)
             .await?
-            .connect(cfg.url.expose())
+            .connect(cfg.servers_without_credentials())
             .await
             .map_err(|e| connect_error(&e, cfg))?;
         tracing::info!(servers = %redact_url(cfg.url.expose()), tls = cfg.tls_required(), "connected to nats");
@@ -278,6 +278,22 @@ async fn options(
                     detail: format!("nats.creds_file: cannot use {}: {e}", path.display()),
                 })?;
         }
+        // async-nats never reads credentials from the URL (nats-io/nats.rs#1623);
+        // `connect` gets the URLs without them.
+        NatsAuth::Url => match cfg.url_credentials() {
+            Ok(Some(UrlCredentials::UserPassword { user, password })) => {
+                o = o.user_and_password(user, password.expose().to_string());
+            }
+            Ok(Some(UrlCredentials::Token(token))) => o = o.token(token.expose().to_string()),
+            Ok(None) => {}
+            // Checked at start-up; the error names the key, never a value.
+            Err(e) => {
+                return Err(SinkError::Fatal {
+                    sink: SINK,
+                    detail: e.to_string(),
+                })
+            }
+        },
         NatsAuth::None => {}
     }
     Ok(o)

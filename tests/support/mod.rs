@@ -455,6 +455,8 @@ where
 pub struct Relay {
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// `(soft, hard)` RLIMIT_NOFILE to start the process with (`prlimit`), if any.
+    nofile: Option<(u64, u64)>,
 }
 
 impl Relay {
@@ -469,7 +471,11 @@ impl Relay {
             .prefix("outboxd-relay-")
             .tempdir()
             .expect("tempdir");
-        let mut r = Self { child: None, dir };
+        let mut r = Self {
+            child: None,
+            dir,
+            nofile: None,
+        };
         std::fs::write(r.config_path(), config).expect("write config");
         r.start_with_args(extra);
         r
@@ -494,7 +500,17 @@ impl Relay {
                 .open(self.dir.path().join(name))
                 .expect("log file")
         };
-        let child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        let mut command = match self.nofile {
+            // prlimit execs the command: the child's pid is outboxd's.
+            Some((soft, hard)) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={soft}:{hard}"))
+                    .arg(env!("CARGO_BIN_EXE_outboxd"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_outboxd")),
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(self.config_path())
             .args(extra)
@@ -855,5 +871,39 @@ impl Postgres {
             "pg_ctl promote failed; log: {}",
             self.log()
         );
+    }
+}
+
+impl Relay {
+    /// Like [`Relay::spawn`], with the process's file-descriptor limit set to `soft`
+    /// (raisable by the process up to `hard`) from its start, as a container runtime
+    /// or systemd would.
+    pub fn spawn_with_nofile(config: &str, soft: u64, hard: u64) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("outboxd-relay-")
+            .tempdir()
+            .expect("tempdir");
+        let mut r = Self {
+            child: None,
+            dir,
+            nofile: Some((soft, hard)),
+        };
+        std::fs::write(r.config_path(), config).expect("write config");
+        r.start();
+        r
+    }
+
+    /// `(soft, hard)` "Max open files" of the running process, from /proc.
+    pub fn nofile_limits(&self) -> (u64, u64) {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.pid()))
+            .expect("read /proc/<pid>/limits");
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .expect("Max open files line");
+        let mut n = line
+            .split_whitespace()
+            .filter_map(|w| w.parse::<u64>().ok());
+        (n.next().expect("soft"), n.next().expect("hard"))
     }
 }
