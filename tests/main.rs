@@ -6,6 +6,7 @@
 
 mod support;
 
+mod broker_hang;
 mod cli;
 mod dead_letter;
 mod failures_connections;

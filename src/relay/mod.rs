@@ -120,7 +120,7 @@ async fn run_sessions(
     t: &Telemetry,
     shutdown: &CancellationToken,
 ) -> Result<(), RelayError> {
-    let connect = || Sink::connect(cfg);
+    let connect = || Sink::connect_counted(cfg, Some(&t.metrics));
     let Some(sink) = retrying(cfg, t, shutdown, "connect to the broker", "broker", connect).await?
     else {
         return Ok(());

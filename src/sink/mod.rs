@@ -22,6 +22,7 @@ use cloudevents::{AttributesReader, Event};
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use crate::config::{Config, SinkKind};
+use crate::metrics::Metrics;
 
 /// A publish failure, sorted by what happens next.
 #[derive(Debug, thiserror::Error)]
@@ -151,12 +152,26 @@ pub enum Sink {
 impl Sink {
     /// Connects the sink named by `[sink] kind`.
     pub async fn connect(cfg: &Config) -> Result<Self, SinkError> {
+        Self::connect_counted(cfg, None).await
+    }
+
+    /// [`Sink::connect`], counting in `metrics` what the sink does by itself (Kafka
+    /// producer replacements).
+    pub async fn connect_counted(
+        cfg: &Config,
+        metrics: Option<&Metrics>,
+    ) -> Result<Self, SinkError> {
         match cfg.sink.kind {
             SinkKind::Stdout => Ok(Sink::Stdout(stdout::StdoutSink::new())),
             SinkKind::Nats => Ok(Sink::Nats(
                 nats::NatsSink::connect(&cfg.nats, &cfg.retry).await?,
             )),
-            SinkKind::Kafka => Ok(Sink::Kafka(kafka::KafkaSink::connect(&cfg.kafka).await?)),
+            SinkKind::Kafka => {
+                let replacements = metrics.map(|m| m.producer_replacements.clone());
+                Ok(Sink::Kafka(
+                    kafka::KafkaSink::connect(&cfg.kafka, replacements).await?,
+                ))
+            }
         }
     }
 

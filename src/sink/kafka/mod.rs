@@ -16,10 +16,15 @@
 //! this sink's retries do. Records of different aggregates that share a Kafka key
 //! (a `kafka.key` template without `{aggregate_id}`) are not ordered among each other.
 //!
-//! A fatal producer error (librdkafka lost the idempotence state it cannot recover,
-//! e.g. after the broker forgot the producer id) makes the producer unusable. This
-//! sink then replaces it with a fresh one and reports the event as retryable: a new
-//! producer id means records in flight may be written twice, never lost.
+//! A producer can become unusable for good: librdkafka's fatal error (it lost the
+//! idempotence state it cannot recover), or a broker that refuses the producer's id or
+//! epoch (fenced, invalid epoch, unknown producer id: after records timed out during
+//! a broker hang librdkafka bumps the epoch, and a broker that does not follow refuses
+//! every later request). This sink then replaces the producer with a fresh one, once
+//! per broken producer however many events fail on it (one WARN, one count in
+//! `outboxd_producer_replacements_total`), and reports each event as retryable: a new
+//! producer id means records in flight may be written twice, never lost, and the
+//! relay's gate keeps each aggregate's order across the replacement.
 //!
 //! This module never logs payloads or property values.
 
@@ -57,11 +62,17 @@ pub struct KafkaSink {
     topic: Template,
     key: Template,
     mode: ContentMode,
+    /// `outboxd_producer_replacements_total`, when the caller counts.
+    replacements: Option<prometheus::IntCounterVec>,
 }
 
 impl KafkaSink {
-    /// Creates the producer and waits until a broker answers a metadata request.
-    pub async fn connect(cfg: &KafkaConfig) -> Result<Self, SinkError> {
+    /// Creates the producer and waits until a broker answers a metadata request;
+    /// producer replacements are counted in `replacements` (by reason) when given.
+    pub async fn connect(
+        cfg: &KafkaConfig,
+        replacements: Option<prometheus::IntCounterVec>,
+    ) -> Result<Self, SinkError> {
         let topic = Template::parse(&cfg.topic).map_err(|e| SinkError::Fatal {
             sink: SINK,
             detail: format!("kafka.topic: {e}"),
@@ -111,6 +122,7 @@ impl KafkaSink {
             topic,
             key,
             mode: cfg.content_mode,
+            replacements,
         })
     }
 
@@ -195,24 +207,30 @@ impl KafkaSink {
                 sink: SINK,
                 detail: format!("topic {topic}: {err}: {hint}"),
             },
-            Class::ResetProducer => {
-                let why = used
+            Class::ResetProducer(why) => {
+                let error = used
                     .client()
                     .fatal_error()
                     .map(|(code, text)| format!("{code:?}: {text}"))
                     .unwrap_or_else(|| err.to_string());
-                self.reset(used, &why);
+                self.reset(used, why, &error);
                 SinkError::Retryable {
                     sink: SINK,
-                    reason: "producer_fatal",
-                    detail: format!("topic {topic}: fatal producer error, producer replaced: {why}"),
+                    reason: if why == "fatal" {
+                        "producer_fatal"
+                    } else {
+                        "producer_fenced"
+                    },
+                    detail: format!("topic {topic}: {error}; the producer was replaced"),
                 }
             }
         }
     }
 
-    /// Replaces `broken` unless another task already did.
-    fn reset(&self, broken: &Arc<Producer>, why: &str) {
+    /// Replaces `broken` unless another task already did: every event in flight on a
+    /// broken producer fails, and only the first failure replaces it (one WARN and
+    /// one count per replacement, not one per event).
+    fn reset(&self, broken: &Arc<Producer>, why: &'static str, error: &str) {
         let mut current = match self.producer.write() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
@@ -224,7 +242,10 @@ impl KafkaSink {
             Ok(fresh) => {
                 let old = std::mem::replace(&mut *current, Arc::new(fresh));
                 drop(current);
-                tracing::warn!(error = %why, "kafka producer failed fatally; replaced it (records in flight may be written twice)");
+                if let Some(m) = &self.replacements {
+                    m.with_label_values(&[why]).inc();
+                }
+                tracing::warn!(reason = why, %error, "kafka producer replaced by a fresh one; events in flight are retried on it and may be written twice");
                 // librdkafka joins its threads on destroy: not on an async worker.
                 tokio::task::spawn_blocking(move || drop(old));
             }
