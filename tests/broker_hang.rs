@@ -1,18 +1,26 @@
 //! Black-box: a hung broker (SIGSTOP: its sockets stay open, nothing is answered), as
 //! a broker in a long GC pause or on a frozen VM looks to a client. The Kafka sink
-//! recovers by itself once records timed out during the hang (issue 19).
+//! recovers by itself once records timed out during the hang (issue 19), and SIGTERM
+//! exits within `sink.shutdown_timeout_secs` plus the stated margin with either sink
+//! while the broker hangs.
 
 use crate::support;
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::faults::relay_log_lines;
 use support::kafka::{
     assert_order_per_key, assert_same_event_when_repeated, ids_in, insert, kafka_config, n_of,
     read_topic, wait_records, Tansu,
 };
-use support::{free_port, metric, metric_sum, scrape, wait_for, Postgres, Relay};
+use support::{
+    config, free_port, metric, metric_sum, read_stream, scrape, wait_for, Nats, Postgres, Relay,
+};
+
+/// What the README promises on top of `sink.shutdown_timeout_secs`: closing the
+/// replication connection and releasing the broker client.
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
 
 fn listen(port: u16) -> String {
     format!("\"127.0.0.1:{port}\"")
@@ -104,4 +112,138 @@ async fn kafka_broker_hung_until_records_time_out_recovers_without_a_restart() {
     eprintln!("producer replacements: {replaced}, their warnings: {warnings}");
     assert!(replaced >= 1.0, "no producer replacement counted");
     assert_eq!(warnings as f64, replaced, "one WARN per replacement");
+}
+
+/// SIGTERMs `relay` and returns how long it took to exit, asserting a clean exit.
+fn terminate_timed(relay: &mut Relay, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let status = relay.terminate(limit + Duration::from_secs(60));
+    let took = started.elapsed();
+    eprintln!("SIGTERM to exit: {took:?}");
+    let status = status.unwrap_or_else(|| panic!("no exit within {:?}", took));
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        relay.stderr()
+    );
+    took
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_kafka_broker_hung_exits_within_the_shutdown_timeout() {
+    // Given a relay whose delivery reports outlast the shutdown timeout (librdkafka's
+    // default 30 s), and at most 10 events held, streaming to tansu
+    const TOPIC: &str = "outbox.event.Order";
+    const TIMEOUT: Duration = Duration::from_secs(10);
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let kafka = Tansu::start();
+    kafka.create_topic(TOPIC, 2).await;
+    let brokers = kafka.brokers();
+    let port = free_port();
+    let mut relay = Relay::spawn(&kafka_config(
+        &pg,
+        &brokers,
+        &[
+            ("sink", "shutdown_timeout_secs", "10"),
+            ("sink", "max_in_flight", "10"),
+            ("http", "listen", &listen(port)),
+        ],
+    ));
+    pg.wait_streaming("outboxd").await;
+    let mut db = pg.client().await;
+    let mut n = 0i64;
+    let mut all = write_backlog(&mut db, &mut n, 10, 20).await;
+    wait_records(&brokers, TOPIC, 10, Duration::from_secs(30)).await;
+
+    // When the broker hangs, 100 rows are committed (transactions of 50) and the relay holds
+    // as many of its events as it may (it cannot read the transaction to its end)
+    kafka.freeze();
+    all.extend(write_backlog(&mut db, &mut n, 100, 20).await);
+    let held = wait_for(Duration::from_secs(30), || async {
+        metric(&scrape(port), "outboxd_events_in_flight").unwrap_or(0.0) >= 10.0
+    })
+    .await;
+    assert!(held, "the relay did not take the events:\n{}", scrape(port));
+    // and it is told to stop
+    let took = terminate_timed(&mut relay, TIMEOUT + SHUTDOWN_MARGIN);
+
+    // Then it waited for acknowledgements, but no longer than the timeout plus margin
+    assert!(
+        took >= TIMEOUT - Duration::from_millis(500) && took <= TIMEOUT + SHUTDOWN_MARGIN,
+        "exit took {took:?}, expected {TIMEOUT:?} + at most {SHUTDOWN_MARGIN:?}:\n{}",
+        relay.stderr()
+    );
+    // and nothing is lost: after the broker is back, a new relay delivers every event
+    kafka.thaw();
+    relay.start();
+    let arrived = wait_for(Duration::from_secs(60), || async {
+        ids_in(&brokers, TOPIC).await.is_superset(&all)
+    })
+    .await;
+    assert!(arrived, "events are missing after the restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_the_nats_server_hung_exits_within_the_shutdown_timeout() {
+    // Given a relay whose PubAcks may take longer than the shutdown timeout (30 s, as
+    // librdkafka's delivery reports in the Kafka test) and that holds at most 10
+    // events, streaming to nats-server
+    const TIMEOUT: Duration = Duration::from_secs(10);
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let nats = Nats::start();
+    let port = free_port();
+    let mut relay = Relay::spawn(&config(
+        &pg,
+        Some(&nats),
+        &[
+            ("sink", "shutdown_timeout_secs", "10"),
+            ("sink", "max_in_flight", "10"),
+            ("nats", "ack_timeout_ms", "30000"),
+            ("http", "listen", &listen(port)),
+        ],
+    ));
+    pg.wait_streaming("outboxd").await;
+    let mut db = pg.client().await;
+    let mut n = 0i64;
+    let mut all = write_backlog(&mut db, &mut n, 10, 20).await;
+    let js = nats.jetstream().await;
+    let delivered = wait_for(Duration::from_secs(30), || async {
+        read_stream(&js, "OUTBOX").await.len() >= 10
+    })
+    .await;
+    assert!(delivered, "the first events were not delivered");
+
+    // When the server hangs, 100 rows are committed (transactions of 50) and the relay holds
+    // as many of its events as it may
+    nats.freeze();
+    all.extend(write_backlog(&mut db, &mut n, 100, 20).await);
+    let held = wait_for(Duration::from_secs(30), || async {
+        metric(&scrape(port), "outboxd_events_in_flight").unwrap_or(0.0) >= 10.0
+    })
+    .await;
+    assert!(held, "the relay did not take the events:\n{}", scrape(port));
+    // and it is told to stop
+    let took = terminate_timed(&mut relay, TIMEOUT + SHUTDOWN_MARGIN);
+
+    // Then it waited for acknowledgements, but no longer than the timeout plus margin
+    assert!(
+        took >= TIMEOUT - Duration::from_millis(500) && took <= TIMEOUT + SHUTDOWN_MARGIN,
+        "exit took {took:?}, expected {TIMEOUT:?} + at most {SHUTDOWN_MARGIN:?}:\n{}",
+        relay.stderr()
+    );
+    // and nothing is lost: after the server is back, a new relay delivers every event
+    nats.thaw();
+    relay.start();
+    let arrived = wait_for(Duration::from_secs(60), || async {
+        let got: HashSet<String> = read_stream(&js, "OUTBOX")
+            .await
+            .iter()
+            .filter_map(|m| m.header("ce-id").map(str::to_string))
+            .collect();
+        got.is_superset(&all)
+    })
+    .await;
+    assert!(arrived, "events are missing after the restart");
 }

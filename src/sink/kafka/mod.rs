@@ -26,6 +26,10 @@
 //! producer id means records in flight may be written twice, never lost, and the
 //! relay's gate keeps each aggregate's order across the replacement.
 //!
+//! Dropping the sink purges what librdkafka still holds (never acknowledged, so the
+//! slot resends it) and joins librdkafka's threads on a blocking thread, never on the
+//! relay's: with a hung broker that takes a moment, and shutdown must stay bounded.
+//!
 //! This module never logs payloads or property values.
 
 mod classify;
@@ -54,7 +58,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Publishes to Kafka.
 pub struct KafkaSink {
     /// The producer in use; replaced after a fatal error (see the module docs).
-    producer: RwLock<Arc<Producer>>,
+    producer: RwLock<Arc<OffThread<Producer>>>,
     /// The producer's settings, kept to build a replacement. Holds secrets: never
     /// formatted.
     settings: rdkafka::ClientConfig,
@@ -116,7 +120,7 @@ impl KafkaSink {
             "kafka producer ready"
         );
         Ok(Self {
-            producer: RwLock::new(Arc::new(producer)),
+            producer: RwLock::new(Arc::new(OffThread::new(producer))),
             settings,
             kafka: cfg.clone(),
             topic,
@@ -174,7 +178,7 @@ impl KafkaSink {
         Err(self.sort(&producer, err, &topic, size))
     }
 
-    fn current(&self) -> Arc<Producer> {
+    fn current(&self) -> Arc<OffThread<Producer>> {
         // A poisoned lock only means another task panicked while swapping the Arc;
         // the Arc inside is still a whole producer.
         match self.producer.read() {
@@ -183,7 +187,13 @@ impl KafkaSink {
         }
     }
 
-    fn sort(&self, used: &Arc<Producer>, err: KafkaError, topic: &str, size: usize) -> SinkError {
+    fn sort(
+        &self,
+        used: &Arc<OffThread<Producer>>,
+        err: KafkaError,
+        topic: &str,
+        size: usize,
+    ) -> SinkError {
         match classify(&err) {
             Class::Retry(reason) => SinkError::Retryable {
                 sink: SINK,
@@ -230,7 +240,7 @@ impl KafkaSink {
     /// Replaces `broken` unless another task already did: every event in flight on a
     /// broken producer fails, and only the first failure replaces it (one WARN and
     /// one count per replacement, not one per event).
-    fn reset(&self, broken: &Arc<Producer>, why: &'static str, error: &str) {
+    fn reset(&self, broken: &Arc<OffThread<Producer>>, why: &'static str, error: &str) {
         let mut current = match self.producer.write() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
@@ -240,18 +250,49 @@ impl KafkaSink {
         }
         match client::create::<Producer>(&self.settings, &self.kafka) {
             Ok(fresh) => {
-                let old = std::mem::replace(&mut *current, Arc::new(fresh));
+                // The old producer goes when its last event in flight lets go of it.
+                let old = std::mem::replace(&mut *current, Arc::new(OffThread::new(fresh)));
                 drop(current);
                 if let Some(m) = &self.replacements {
                     m.with_label_values(&[why]).inc();
                 }
                 tracing::warn!(reason = why, %error, "kafka producer replaced by a fresh one; events in flight are retried on it and may be written twice");
-                // librdkafka joins its threads on destroy: not on an async worker.
-                tokio::task::spawn_blocking(move || drop(old));
+                drop(old);
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot replace the failed kafka producer; trying again on the next failure");
             }
+        }
+    }
+}
+
+/// A librdkafka client whose drop (purging what it still holds, then joining its
+/// threads, which takes a while with a hung broker) runs on a blocking thread, never
+/// on the relay's one async thread. The process does not wait for it beyond the
+/// bound `main` sets: a purged record was never acknowledged, so the slot resends it.
+struct OffThread<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> OffThread<T> {
+    fn new(client: T) -> Self {
+        Self(Some(client))
+    }
+}
+
+impl<T: Send + 'static> std::ops::Deref for OffThread<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.0
+            .as_ref()
+            .expect("only Drop takes the client out, and nothing derefs after it")
+    }
+}
+
+impl<T: Send + 'static> Drop for OffThread<T> {
+    fn drop(&mut self) {
+        let Some(client) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(move || drop(client))),
+            Err(_) => drop(client),
         }
     }
 }
