@@ -16,6 +16,7 @@ mod huge_transaction;
 mod observability;
 mod relay_kafka;
 mod relay_kafka_faults;
+mod relay_kafka_limits;
 mod relay_nats;
 mod replay;
 mod retention;

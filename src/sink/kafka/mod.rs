@@ -26,6 +26,9 @@
 //! producer id means records in flight may be written twice, never lost, and the
 //! relay's gate keeps each aggregate's order across the replacement.
 //!
+//! What Kafka can never accept (a record over `message.max.bytes`, an illegal topic
+//! name) is rejected before it reaches the producer ([`limits`]).
+//!
 //! Dropping the sink purges what librdkafka still holds (never acknowledged, so the
 //! slot resends it) and joins librdkafka's threads on a blocking thread, never on the
 //! relay's: with a hung broker that takes a moment, and shutdown must stay bounded.
@@ -35,6 +38,7 @@
 mod classify;
 pub mod client;
 pub mod encode;
+mod limits;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -48,6 +52,7 @@ use crate::config::{ContentMode, KafkaConfig};
 use crate::route::{Sanitize, Template};
 use classify::{classify, Class};
 use client::Producer;
+use limits::{Limits, RecordSize};
 
 const SINK: &str = "kafka";
 
@@ -66,6 +71,8 @@ pub struct KafkaSink {
     topic: Template,
     key: Template,
     mode: ContentMode,
+    /// What a record must fit before it is produced.
+    limits: Limits,
     /// `outboxd_producer_replacements_total`, when the caller counts.
     replacements: Option<prometheus::IntCounterVec>,
 }
@@ -119,6 +126,14 @@ impl KafkaSink {
             overridden = ?cfg.properties.keys().collect::<Vec<_>>(),
             "kafka producer ready"
         );
+        // Asks for topic configs (max.message.bytes); it sends nothing, so it must not
+        // register an idempotent producer id. Without it only the producer's limit holds.
+        let mut admin_settings = settings.clone();
+        admin_settings.set("enable.idempotence", "false");
+        let admin = client::create(&admin_settings, cfg)
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot create the kafka admin client; topics' max.message.bytes will not be checked before sending"))
+            .ok();
+        let limits = Limits::new(&settings, admin);
         Ok(Self {
             producer: RwLock::new(Arc::new(OffThread::new(producer))),
             settings,
@@ -126,6 +141,7 @@ impl KafkaSink {
             topic,
             key,
             mode: cfg.content_mode,
+            limits,
             replacements,
         })
     }
@@ -143,7 +159,15 @@ impl KafkaSink {
             reason: "encode",
             detail: e.to_string(),
         })?;
-        let size = encoded.value.as_ref().map_or(0, Vec::len);
+        let size = RecordSize::of(
+            key.as_bytes(),
+            encoded.value.as_deref(),
+            encoded
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_ref(), value.as_bytes())),
+        );
+        self.limits.check(&topic, size).await?;
         let headers = encoded.headers.iter().fold(
             OwnedHeaders::new_with_capacity(encoded.headers.len()),
             |h, (name, value)| {
@@ -175,7 +199,7 @@ impl KafkaSink {
             },
             Err((e, _record)) => e,
         };
-        Err(self.sort(&producer, err, &topic, size))
+        Err(self.sort(&producer, err, &topic, size.value))
     }
 
     fn current(&self) -> Arc<OffThread<Producer>> {
