@@ -114,66 +114,80 @@ async fn kafka_broker_hung_until_records_time_out_recovers_without_a_restart() {
     assert_eq!(warnings as f64, replaced, "one WARN per replacement");
 }
 
-/// SIGTERMs `relay` and returns how long it took to exit, asserting a clean exit.
-fn terminate_timed(relay: &mut Relay, limit: Duration) -> Duration {
+/// `sink.shutdown_timeout_secs` in the SIGTERM tests.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The SIGTERM tests' relay settings: the shutdown timeout, at most 10 events held,
+/// the HTTP endpoint on `listen`.
+fn shutdown_settings(listen: &str) -> [(&'static str, &'static str, &str); 3] {
+    [
+        ("sink", "shutdown_timeout_secs", "10"),
+        ("sink", "max_in_flight", "10"),
+        ("http", "listen", listen),
+    ]
+}
+
+/// When the broker hangs (`freeze`), 100 rows are committed (transactions of 50) and
+/// the relay holds as many of their events as it may (so it cannot read the
+/// transaction to its end), and SIGTERM comes: then the relay exits 0, having waited
+/// for acknowledgements, but no longer than [`TIMEOUT`] + [`SHUTDOWN_MARGIN`].
+/// Returns the ids of the rows.
+async fn sigterm_while_hung(
+    relay: &mut Relay,
+    port: u16,
+    db: &mut tokio_postgres::Client,
+    n: &mut i64,
+    freeze: impl FnOnce(),
+) -> HashSet<String> {
+    freeze();
+    let ids = write_backlog(db, n, 100, 20).await;
+    let held = wait_for(Duration::from_secs(30), || async {
+        metric(&scrape(port), "outboxd_events_in_flight").unwrap_or(0.0) >= 10.0
+    })
+    .await;
+    assert!(held, "the relay did not take the events:\n{}", scrape(port));
+
     let started = Instant::now();
-    let status = relay.terminate(limit + Duration::from_secs(60));
+    let status = relay.terminate(TIMEOUT + SHUTDOWN_MARGIN + Duration::from_secs(60));
     let took = started.elapsed();
     eprintln!("SIGTERM to exit: {took:?}");
-    let status = status.unwrap_or_else(|| panic!("no exit within {:?}", took));
+    let status = status.unwrap_or_else(|| panic!("no exit within {took:?}"));
     assert!(
         status.success(),
         "exit status {status}:\n{}",
         relay.stderr()
     );
-    took
+    assert!(
+        took >= TIMEOUT - Duration::from_millis(500) && took <= TIMEOUT + SHUTDOWN_MARGIN,
+        "exit took {took:?}, expected {TIMEOUT:?} + at most {SHUTDOWN_MARGIN:?}:\n{}",
+        relay.stderr()
+    );
+    ids
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_the_kafka_broker_hung_exits_within_the_shutdown_timeout() {
     // Given a relay whose delivery reports outlast the shutdown timeout (librdkafka's
-    // default 30 s), and at most 10 events held, streaming to tansu
+    // default 30 s), streaming to tansu
     const TOPIC: &str = "outbox.event.Order";
-    const TIMEOUT: Duration = Duration::from_secs(10);
     let pg = Postgres::start();
     pg.create_outbox().await;
     let kafka = Tansu::start();
     kafka.create_topic(TOPIC, 2).await;
     let brokers = kafka.brokers();
     let port = free_port();
-    let mut relay = Relay::spawn(&kafka_config(
-        &pg,
-        &brokers,
-        &[
-            ("sink", "shutdown_timeout_secs", "10"),
-            ("sink", "max_in_flight", "10"),
-            ("http", "listen", &listen(port)),
-        ],
-    ));
+    let listen = listen(port);
+    let mut relay = Relay::spawn(&kafka_config(&pg, &brokers, &shutdown_settings(&listen)));
     pg.wait_streaming("outboxd").await;
     let mut db = pg.client().await;
     let mut n = 0i64;
     let mut all = write_backlog(&mut db, &mut n, 10, 20).await;
     wait_records(&brokers, TOPIC, 10, Duration::from_secs(30)).await;
 
-    // When the broker hangs, 100 rows are committed (transactions of 50) and the relay holds
-    // as many of its events as it may (it cannot read the transaction to its end)
-    kafka.freeze();
-    all.extend(write_backlog(&mut db, &mut n, 100, 20).await);
-    let held = wait_for(Duration::from_secs(30), || async {
-        metric(&scrape(port), "outboxd_events_in_flight").unwrap_or(0.0) >= 10.0
-    })
-    .await;
-    assert!(held, "the relay did not take the events:\n{}", scrape(port));
-    // and it is told to stop
-    let took = terminate_timed(&mut relay, TIMEOUT + SHUTDOWN_MARGIN);
+    // When the broker hangs while rows are committed and SIGTERM comes, then the relay
+    // exits in time
+    all.extend(sigterm_while_hung(&mut relay, port, &mut db, &mut n, || kafka.freeze()).await);
 
-    // Then it waited for acknowledgements, but no longer than the timeout plus margin
-    assert!(
-        took >= TIMEOUT - Duration::from_millis(500) && took <= TIMEOUT + SHUTDOWN_MARGIN,
-        "exit took {took:?}, expected {TIMEOUT:?} + at most {SHUTDOWN_MARGIN:?}:\n{}",
-        relay.stderr()
-    );
     // and nothing is lost: after the broker is back, a new relay delivers every event
     kafka.thaw();
     relay.start();
@@ -187,23 +201,15 @@ async fn sigterm_with_the_kafka_broker_hung_exits_within_the_shutdown_timeout() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_the_nats_server_hung_exits_within_the_shutdown_timeout() {
     // Given a relay whose PubAcks may take longer than the shutdown timeout (30 s, as
-    // librdkafka's delivery reports in the Kafka test) and that holds at most 10
-    // events, streaming to nats-server
-    const TIMEOUT: Duration = Duration::from_secs(10);
+    // librdkafka's delivery reports in the Kafka test), streaming to nats-server
     let pg = Postgres::start();
     pg.create_outbox().await;
     let nats = Nats::start();
     let port = free_port();
-    let mut relay = Relay::spawn(&config(
-        &pg,
-        Some(&nats),
-        &[
-            ("sink", "shutdown_timeout_secs", "10"),
-            ("sink", "max_in_flight", "10"),
-            ("nats", "ack_timeout_ms", "30000"),
-            ("http", "listen", &listen(port)),
-        ],
-    ));
+    let listen = listen(port);
+    let mut settings = shutdown_settings(&listen).to_vec();
+    settings.push(("nats", "ack_timeout_ms", "30000"));
+    let mut relay = Relay::spawn(&config(&pg, Some(&nats), &settings));
     pg.wait_streaming("outboxd").await;
     let mut db = pg.client().await;
     let mut n = 0i64;
@@ -215,24 +221,10 @@ async fn sigterm_with_the_nats_server_hung_exits_within_the_shutdown_timeout() {
     .await;
     assert!(delivered, "the first events were not delivered");
 
-    // When the server hangs, 100 rows are committed (transactions of 50) and the relay holds
-    // as many of its events as it may
-    nats.freeze();
-    all.extend(write_backlog(&mut db, &mut n, 100, 20).await);
-    let held = wait_for(Duration::from_secs(30), || async {
-        metric(&scrape(port), "outboxd_events_in_flight").unwrap_or(0.0) >= 10.0
-    })
-    .await;
-    assert!(held, "the relay did not take the events:\n{}", scrape(port));
-    // and it is told to stop
-    let took = terminate_timed(&mut relay, TIMEOUT + SHUTDOWN_MARGIN);
+    // When the server hangs while rows are committed and SIGTERM comes, then the relay
+    // exits in time
+    all.extend(sigterm_while_hung(&mut relay, port, &mut db, &mut n, || nats.freeze()).await);
 
-    // Then it waited for acknowledgements, but no longer than the timeout plus margin
-    assert!(
-        took >= TIMEOUT - Duration::from_millis(500) && took <= TIMEOUT + SHUTDOWN_MARGIN,
-        "exit took {took:?}, expected {TIMEOUT:?} + at most {SHUTDOWN_MARGIN:?}:\n{}",
-        relay.stderr()
-    );
     // and nothing is lost: after the server is back, a new relay delivers every event
     nats.thaw();
     relay.start();

@@ -8,10 +8,11 @@ use crate::support;
 
 use std::time::Duration;
 
+use support::faults::wait_confirmed_past;
 use support::kafka::{
     assert_order_per_key, insert, kafka_config, n_of, read_topic, wait_records, Record, Tansu,
 };
-use support::{wait_for, Postgres, Relay};
+use support::{Postgres, Relay};
 
 const TOPIC: &str = "outbox.event.Order";
 const DLQ: &str = "outbox.deadletter";
@@ -38,6 +39,21 @@ async fn insert_sized(
     .get(0)
 }
 
+/// A relay with librdkafka's default limits (message.max.bytes 1,000,000) streaming
+/// to tansu, where `TOPIC` exists with `configs`; and a client of the database.
+async fn relay_to_tansu(
+    configs: &[(&str, &str)],
+) -> (Postgres, Tansu, Relay, tokio_postgres::Client) {
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let kafka = Tansu::start();
+    kafka.create_topic_with(TOPIC, 2, configs).await;
+    let relay = Relay::spawn(&kafka_config(&pg, &kafka.brokers(), &[]));
+    pg.wait_streaming("outboxd").await;
+    let db = pg.client().await;
+    (pg, kafka, relay, db)
+}
+
 fn dead_letter<'a>(dlq: &'a [Record], id: &str) -> &'a Record {
     dlq.iter()
         .find(|r| r.header("ce_id") == Some(id))
@@ -47,14 +63,8 @@ fn dead_letter<'a>(dlq: &'a [Record], id: &str) -> &'a Record {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_kafka_can_never_accept_are_dead_lettered_and_the_stream_goes_on_in_order() {
     // Given a relay with librdkafka's default message.max.bytes (1,000,000 bytes)
-    let pg = Postgres::start();
-    pg.create_outbox().await;
-    let kafka = Tansu::start();
-    kafka.create_topic(TOPIC, 2).await;
+    let (pg, kafka, mut relay, db) = relay_to_tansu(&[]).await;
     let brokers = kafka.brokers();
-    let mut relay = Relay::spawn(&kafka_config(&pg, &brokers, &[]));
-    pg.wait_streaming("outboxd").await;
-    let db = pg.client().await;
 
     // When, between ordinary events of the same and of other aggregates, these commit:
     // a 5 MB payload,
@@ -105,12 +115,8 @@ async fn events_kafka_can_never_accept_are_dead_lettered_and_the_stream_goes_on_
         assert_eq!(dl.header("ce_deadletterreason"), Some(reason), "{event}");
         assert!(!ids.contains(&event.as_str()), "{event} was published");
     }
-    // and the slot is confirmed past every one of these rows
-    let confirmed = wait_for(Duration::from_secs(30), || async {
-        pg.confirmed_lsn("outboxd").await.unwrap_or(0) >= end
-    })
-    .await;
-    assert!(confirmed, "the slot stayed behind the refused rows");
+    // and the slot is confirmed up to the end of the last of these rows
+    wait_confirmed_past(&pg, end - 1, Duration::from_secs(30)).await;
     assert!(relay.try_exit().is_none(), "relay exited");
 }
 
@@ -119,16 +125,8 @@ async fn a_topic_s_max_message_bytes_is_checked_before_sending() {
     // Given a topic whose max.message.bytes (100,000) is below the producer's limit;
     // tansu reports it through DescribeConfigs but does not enforce it, where Apache
     // Kafka would refuse the whole batch
-    let pg = Postgres::start();
-    pg.create_outbox().await;
-    let kafka = Tansu::start();
-    kafka
-        .create_topic_with(TOPIC, 1, &[("max.message.bytes", "100000")])
-        .await;
+    let (_pg, kafka, _relay, db) = relay_to_tansu(&[("max.message.bytes", "100000")]).await;
     let brokers = kafka.brokers();
-    let _relay = Relay::spawn(&kafka_config(&pg, &brokers, &[]));
-    pg.wait_streaming("outboxd").await;
-    let db = pg.client().await;
 
     // When a 200 kB event sits between two small ones of its aggregate
     let first = insert(&db, "Order", "o-1", 1).await;
@@ -154,14 +152,8 @@ async fn a_topic_s_max_message_bytes_is_checked_before_sending() {
             large, and the relay halts on it (sink.on_rejected cannot dead-letter a dead letter)"]
 async fn a_2_mb_headers_member_is_dead_lettered_and_the_stream_goes_on() {
     // Given a relay with librdkafka's default message.max.bytes
-    let pg = Postgres::start();
-    pg.create_outbox().await;
-    let kafka = Tansu::start();
-    kafka.create_topic(TOPIC, 1).await;
+    let (pg, kafka, mut relay, db) = relay_to_tansu(&[]).await;
     let brokers = kafka.brokers();
-    let mut relay = Relay::spawn(&kafka_config(&pg, &brokers, &[]));
-    pg.wait_streaming("outboxd").await;
-    let db = pg.client().await;
 
     // When a row with a 2 MB `headers` member (the header ce_big) sits between two
     // ordinary rows of its aggregate
@@ -182,11 +174,7 @@ async fn a_2_mb_headers_member_is_dead_lettered_and_the_stream_goes_on() {
         Some("too_large")
     );
     // and the slot moves past the row
-    let confirmed = wait_for(Duration::from_secs(30), || async {
-        pg.confirmed_lsn("outboxd").await.unwrap_or(0) >= end
-    })
-    .await;
-    assert!(confirmed, "the slot stayed behind the row");
+    wait_confirmed_past(&pg, end - 1, Duration::from_secs(30)).await;
     assert!(
         relay.try_exit().is_none(),
         "relay exited:\n{}",
