@@ -48,7 +48,7 @@ const MAX_TOPIC_NAME: usize = 249;
 
 /// How long a topic's `max.message.bytes` is trusted before it is asked for again
 /// (an operator may raise it).
-pub const RELEARN_AFTER: Duration = Duration::from_secs(300);
+const RELEARN_AFTER: Duration = Duration::from_secs(300);
 
 /// After a failed or timed-out DescribeConfigs, when to ask again.
 const RETRY_AFTER: Duration = Duration::from_secs(30);
@@ -220,6 +220,9 @@ impl Limits {
         if let Some(known) = self.known(topic) {
             return known;
         }
+        if !self.room() {
+            return None;
+        }
         let (max, valid) = match describe(admin, topic).await {
             Ok(max) => (max, RELEARN_AFTER),
             Err(e) => {
@@ -227,16 +230,20 @@ impl Limits {
                 (None, RETRY_AFTER)
             }
         };
+        let until = Instant::now() + valid;
+        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        topics.insert(topic.to_string(), Learned { max, until });
+        max
+    }
+
+    /// Whether one more topic may be remembered (after forgetting the stale ones).
+    fn room(&self) -> bool {
         let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
         if topics.len() >= MAX_TOPICS {
             let now = Instant::now();
             topics.retain(|_, l| l.until > now);
         }
-        if topics.len() < MAX_TOPICS {
-            let until = Instant::now() + valid;
-            topics.insert(topic.to_string(), Learned { max, until });
-        }
-        max
+        topics.len() < MAX_TOPICS
     }
 
     /// The remembered limit of `topic` (`Some(None)`: known to be unreported), if fresh.
@@ -381,6 +388,34 @@ mod tests {
         let small = RecordSize::of(b"k", None, []);
         let topic = format!("outbox.event.{}", "A".repeat(5_000));
         assert_eq!(reason(l.check(&topic, small).await), Some("invalid_topic"));
+    }
+
+    #[test]
+    fn at_most_max_topics_are_remembered_and_stale_ones_make_room() {
+        // Given as many remembered topics as allowed, all fresh
+        let l = limits(&[]);
+        let fresh = Instant::now() + RELEARN_AFTER;
+        let mut topics = l.topics.lock().expect("not poisoned");
+        for i in 0..MAX_TOPICS {
+            let learned = Learned {
+                max: Some(1),
+                until: fresh,
+            };
+            topics.insert(format!("t{i}"), learned);
+        }
+        drop(topics);
+        // Then no new topic is asked about
+        assert!(!l.room());
+        // until one of them is stale
+        l.topics.lock().expect("not poisoned").insert(
+            "t0".into(),
+            Learned {
+                max: None,
+                until: Instant::now(),
+            },
+        );
+        assert!(l.room());
+        assert_eq!(l.topics.lock().expect("not poisoned").len(), MAX_TOPICS - 1);
     }
 
     #[test]
