@@ -420,7 +420,8 @@ pub struct SinkConfig {
     pub on_invalid: PoisonPolicy,
     /// Events the broker rejects permanently: `dead_letter` (default) or `halt`.
     pub on_rejected: PoisonPolicy,
-    /// Seconds to wait for in-flight acks on SIGTERM. Default 20.
+    /// Seconds to wait on SIGTERM, in all, for the open transaction to be read to its
+    /// commit and for in-flight acks; the process exits within 5 s more. Default 20.
     pub shutdown_timeout_secs: u64,
 }
 

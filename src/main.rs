@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -17,6 +18,15 @@ use outboxd::metrics::Metrics;
 const EXIT_CONFIG: u8 = 78;
 /// Exit code when the relay stopped on an error.
 const EXIT_FAILURE: u8 = 1;
+/// After the relay stopped: how long the HTTP server may take to close its
+/// connections (a client that never finishes its request must not hold the exit).
+const HTTP_STOP_TIMEOUT: Duration = Duration::from_secs(1);
+/// After the work is done: how long blocking threads still running may take, e.g.
+/// librdkafka purging and joining its threads, which a hung broker makes slow. Nothing
+/// they do is needed for correctness: what was not acknowledged is sent again after
+/// the restart. With the relay's own 2 s to close the replication connection, SIGTERM
+/// exits within `sink.shutdown_timeout_secs` + 5 s whatever the broker does.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Parser)]
 #[command(
@@ -226,6 +236,8 @@ fn main() -> ExitCode {
             Command::Setup { apply, .. } => setup(&cfg, apply).await,
         }
     });
+    // Dropping the runtime would wait for every blocking task, however long it takes.
+    runtime.shutdown_timeout(RELEASE_TIMEOUT);
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -284,7 +296,9 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     let http = outboxd::http::bind(&cfg.http, telemetry.clone(), http_stop.clone()).await?;
     let result = outboxd::relay::run(Arc::new(cfg), telemetry, shutdown).await;
     http_stop.cancel();
-    let _ = http.await;
+    if tokio::time::timeout(HTTP_STOP_TIMEOUT, http).await.is_err() {
+        tracing::warn!("http connections still open at exit; closed without waiting");
+    }
     result.context("relay failed")?;
     tracing::info!("outboxd stopped cleanly");
     Ok(ExitCode::SUCCESS)

@@ -60,6 +60,8 @@ pub struct Metrics {
     pub last_ack_timestamp_seconds: Gauge,
     /// Reconnects by component (`postgres`, `broker`).
     pub reconnects: IntCounterVec,
+    /// Kafka producers replaced by a fresh one, by reason (`fatal`, `fenced`).
+    pub producer_replacements: IntCounterVec,
     /// 1 while this instance streams from the slot.
     pub streaming: IntGauge,
     /// 1 while publishes fail (and are retried), 0 once one succeeds again.
@@ -179,6 +181,13 @@ impl Metrics {
             reconnects: reg!(IntCounterVec::new(
                 Opts::new("outboxd_reconnects_total", "Reconnect attempts after a lost or failed connection."),
                 &["component"]
+            )?),
+            producer_replacements: reg!(IntCounterVec::new(
+                Opts::new(
+                    "outboxd_producer_replacements_total",
+                    "Kafka producers replaced by a fresh one after librdkafka's fatal error or a fenced producer id/epoch."
+                ),
+                &["reason"]
             )?),
             streaming: reg!(IntGauge::new(
                 "outboxd_streaming",

@@ -6,6 +6,7 @@
 
 mod support;
 
+mod broker_hang;
 mod broker_states;
 mod cli;
 mod dead_letter;
@@ -18,6 +19,7 @@ mod huge_transaction;
 mod observability;
 mod relay_kafka;
 mod relay_kafka_faults;
+mod relay_kafka_limits;
 mod relay_nats;
 mod replay;
 mod retention;

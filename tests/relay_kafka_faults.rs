@@ -356,7 +356,7 @@ async fn a_fatal_idempotence_error_replaces_the_producer_and_loses_nothing() {
     assert!(
         relay
             .stderr()
-            .contains("kafka producer failed fatally; replaced it"),
+            .contains("kafka producer replaced by a fresh one"),
         "{}",
         relay.stderr()
     );

@@ -123,8 +123,7 @@ async fn run_sessions(
     t: &Telemetry,
     shutdown: &CancellationToken,
 ) -> Result<(), RelayError> {
-    let reconnects = t.metrics.reconnects.with_label_values(&["broker"]);
-    let connect = || Sink::connect(cfg, Some(reconnects.clone()));
+    let connect = || Sink::connect(cfg, Some(&t.metrics));
     let Some(sink) = retrying(cfg, t, shutdown, "connect to the broker", "broker", connect).await?
     else {
         return Ok(());
@@ -416,13 +415,27 @@ async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), Rela
     };
 
     if outcome.is_ok() {
-        drain(ctx, &mut progress, &mut gate, &mut in_flight, &stream).await;
+        // The drain shares the deadline of reading the open transaction: together they
+        // take at most `sink.shutdown_timeout_secs` from the signal. (Each used to get
+        // the whole timeout, so a hung broker made SIGTERM wait twice as long.)
+        let deadline = stop_by.unwrap_or_else(|| {
+            tokio::time::Instant::now() + Duration::from_secs(cfg.sink.shutdown_timeout_secs)
+        });
+        drain(
+            ctx,
+            &mut progress,
+            &mut gate,
+            &mut in_flight,
+            &stream,
+            deadline,
+        )
+        .await;
     }
     t.metrics.events_in_flight.set(0);
     // After a clean stop, give the final confirmation time to reach the server; after an
     // error the connection is gone and nothing can be sent, so do not wait for it.
     let wait = if outcome.is_ok() {
-        Duration::from_secs(5)
+        FINAL_CONFIRM_TIMEOUT
     } else {
         Duration::ZERO
     };
@@ -432,6 +445,12 @@ async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), Rela
         (outcome, _) => outcome,
     }
 }
+
+/// On shutdown, after the drain: how long the final confirmed position may take to
+/// reach Postgres and the replication connection to close. Part of the margin the
+/// README states on top of `sink.shutdown_timeout_secs` (5 s in all, with `main`'s
+/// bounds on the HTTP server and on releasing the broker client).
+const FINAL_CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Awaits a set-up step for at most 60 s.
 async fn bounded<T>(
@@ -671,18 +690,18 @@ fn acknowledged(t: &Telemetry, sink: &str, item: &Item, d: &Delivered) {
         .set(now.timestamp_micros() as f64 / 1e6);
 }
 
-/// Waits (bounded by `sink.shutdown_timeout_secs`) for in-flight events to be
-/// acknowledged so their LSN is confirmed before we exit. Nothing new is read, no
-/// failed publish is retried: what is not acknowledged is sent again after restart.
+/// Waits until `deadline` (the end of `sink.shutdown_timeout_secs` from the signal)
+/// for in-flight events to be acknowledged so their LSN is confirmed before we exit.
+/// Nothing new is read, no failed publish is retried: what is not acknowledged is sent
+/// again after restart.
 async fn drain(
     ctx: &Ctx<'_>,
     progress: &mut Progress,
     gate: &mut Gate<Item>,
     in_flight: &mut InFlight,
     stream: &Stream,
+    deadline: tokio::time::Instant,
 ) {
-    let deadline =
-        tokio::time::Instant::now() + Duration::from_secs(ctx.cfg.sink.shutdown_timeout_secs);
     let pending = in_flight.len() + gate.parked();
     while !in_flight.is_empty() {
         let next = tokio::time::timeout_at(deadline, in_flight.next()).await;

@@ -19,10 +19,10 @@ use std::borrow::Cow;
 
 use cloudevents::event::Data;
 use cloudevents::{AttributesReader, Event};
-use prometheus::IntCounter;
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
 use crate::config::{Config, SinkKind};
+use crate::metrics::Metrics;
 
 /// A publish failure, sorted by what happens next.
 #[derive(Debug, thiserror::Error)]
@@ -150,16 +150,27 @@ pub enum Sink {
 }
 
 impl Sink {
-    /// Connects the sink named by `[sink] kind`; `reconnects` counts the broker
-    /// connections re-established after a loss (the relay's
-    /// `outboxd_reconnects_total{component="broker"}`).
-    pub async fn connect(cfg: &Config, reconnects: Option<IntCounter>) -> Result<Self, SinkError> {
+    /// Connects the sink named by `[sink] kind`. With `metrics`, the sink counts what
+    /// it does by itself: broker connections re-established after a loss
+    /// (`outboxd_reconnects_total{component="broker"}`) and Kafka producer
+    /// replacements.
+    pub async fn connect(cfg: &Config, metrics: Option<&Metrics>) -> Result<Self, SinkError> {
         match cfg.sink.kind {
             SinkKind::Stdout => Ok(Sink::Stdout(stdout::StdoutSink::new())),
             SinkKind::Nats => Ok(Sink::Nats(
-                nats::NatsSink::connect(&cfg.nats, &cfg.retry, reconnects).await?,
+                nats::NatsSink::connect(
+                    &cfg.nats,
+                    &cfg.retry,
+                    metrics.map(|m| m.reconnects.with_label_values(&["broker"])),
+                )
+                .await?,
             )),
-            SinkKind::Kafka => Ok(Sink::Kafka(kafka::KafkaSink::connect(&cfg.kafka).await?)),
+            SinkKind::Kafka => {
+                let replacements = metrics.map(|m| m.producer_replacements.clone());
+                Ok(Sink::Kafka(
+                    kafka::KafkaSink::connect(&cfg.kafka, replacements).await?,
+                ))
+            }
         }
     }
 

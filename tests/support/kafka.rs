@@ -103,6 +103,17 @@ impl Tansu {
         }
     }
 
+    /// Hangs the broker (SIGSTOP): its sockets stay open and accept bytes, nothing is
+    /// answered, as with a broker stuck in a long GC pause or on a frozen VM.
+    pub fn freeze(&self) {
+        super::signal(self.child.as_ref().expect("running").id(), "STOP");
+    }
+
+    /// Lets a [`Tansu::freeze`]d broker go on (SIGCONT) with its state intact.
+    pub fn thaw(&self) {
+        super::signal(self.child.as_ref().expect("running").id(), "CONT");
+    }
+
     /// Bootstrap servers for clients.
     pub fn brokers(&self) -> String {
         format!("127.0.0.1:{}", self.port)
@@ -115,13 +126,24 @@ impl Tansu {
 
     /// Creates `name` with `partitions` partitions (through the Kafka admin API).
     pub async fn create_topic(&self, name: &str, partitions: i32) {
+        self.create_topic_with(name, partitions, &[]).await;
+    }
+
+    /// Creates `name` with `partitions` partitions and topic `configs`, e.g.
+    /// `("max.message.bytes", "100000")`. tansu stores them and reports them through
+    /// DescribeConfigs; it does not enforce them.
+    pub async fn create_topic_with(&self, name: &str, partitions: i32, configs: &[(&str, &str)]) {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", self.brokers())
             .create()
             .expect("admin client");
+        let mut topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        for (k, v) in configs {
+            topic = topic.set(k, v);
+        }
         let results = admin
             .create_topics(
-                [&NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+                [&topic],
                 &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
             )
             .await

@@ -355,6 +355,16 @@ impl Nats {
         }
     }
 
+    /// Hangs the server (SIGSTOP): connections stay open, nothing is answered.
+    pub fn freeze(&self) {
+        signal(self.child.as_ref().expect("running").id(), "STOP");
+    }
+
+    /// Lets a [`Nats::freeze`]d server go on (SIGCONT).
+    pub fn thaw(&self) {
+        signal(self.child.as_ref().expect("running").id(), "CONT");
+    }
+
     /// Client URL.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
@@ -431,6 +441,16 @@ pub async fn stream_len(js: &jetstream::Context, stream: &str) -> u64 {
         Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
         Err(_) => 0,
     }
+}
+
+/// Sends `SIG<name>` (e.g. `STOP`, `CONT`) to `pid` with kill(1): no unsafe code.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{name} {pid} failed");
 }
 
 /// Polls `cond` until it holds or `timeout` passes; returns whether it held.

@@ -10,6 +10,7 @@
 //! | retry (`queue_full`) | local producer queue full | back-pressure, not failure |
 //! | retry (`unknown_topic`) | unknown topic or partition | an operator can create the topic; see below |
 //! | retry (`producer_fatal`) | librdkafka's fatal error (idempotence state lost) | the sink replaces its producer, then retries |
+//! | retry (`producer_fenced`) | producer fenced, invalid producer epoch, unknown producer id, invalid producer id mapping, out-of-order sequence | the broker refuses this producer's id, epoch or sequence, and librdkafka does not recover a non-transactional producer from that: the sink replaces it, then retries |
 //! | rejected (`too_large`) | message size too large, message batch too large | the same bytes will never fit |
 //! | rejected (`unauthorized`) | topic authorization failed | this event's topic is off limits; others may not be |
 //! | rejected (`invalid_topic`) | invalid topic | the rendered name is illegal (too long, `.`/`..`) |
@@ -32,9 +33,10 @@ pub enum Class {
     Retry(&'static str),
     /// This event can never be accepted: the poison-row policy decides.
     Reject(&'static str),
-    /// The producer is unusable for good (librdkafka's fatal error): replace it,
-    /// then retry the event.
-    ResetProducer,
+    /// The producer is unusable for good: replace it, then retry the event. The label
+    /// says why (`fatal`: librdkafka's fatal error; `fenced`: the broker refuses the
+    /// producer's id, epoch or sequence) and is the metrics reason.
+    ResetProducer(&'static str),
     /// Nothing can be published with this configuration: stop.
     Fatal(&'static str),
 }
@@ -53,7 +55,18 @@ pub fn classify_code(code: Code) -> Class {
         Code::Authentication | Code::SaslAuthenticationFailed => Class::Fatal(
             "authentication failed: check the sasl.* and ssl.* keys of [kafka.properties]",
         ),
-        Code::Fatal => Class::ResetProducer,
+        Code::Fatal => Class::ResetProducer("fatal"),
+        // A non-transactional producer never gets past these by itself: librdkafka bumps
+        // the epoch of an idempotent producer after records timed out, and a broker that
+        // does not know that epoch (or forgot the producer id) refuses every later
+        // request. Apache Kafka answers an expired producer the same way. A fresh
+        // producer gets a new id; records in flight may then be written twice, never
+        // lost, and the relay's one-event-per-aggregate gate keeps their order.
+        Code::ProducerFenced
+        | Code::InvalidProducerEpoch
+        | Code::UnknownProducerId
+        | Code::InvalidProducerIdMapping
+        | Code::OutOfOrderSequenceNumber => Class::ResetProducer("fenced"),
         Code::BrokerTransportFailure
         | Code::AllBrokersDown
         | Code::NetworkException
@@ -140,7 +153,22 @@ mod tests {
             produce(Code::SaslAuthenticationFailed),
             Class::Fatal(_)
         ));
-        assert_eq!(produce(Code::Fatal), Class::ResetProducer);
+        assert_eq!(produce(Code::Fatal), Class::ResetProducer("fatal"));
+    }
+
+    #[test]
+    fn a_producer_the_broker_no_longer_accepts_is_replaced() {
+        // Given the answers of a broker that fenced the producer or forgot its state
+        for code in [
+            Code::ProducerFenced,
+            Code::InvalidProducerEpoch,
+            Code::UnknownProducerId,
+            Code::InvalidProducerIdMapping,
+            Code::OutOfOrderSequenceNumber,
+        ] {
+            // Then the producer is replaced (and the event retried), not retried as is
+            assert_eq!(produce(code), Class::ResetProducer("fenced"), "{code:?}");
+        }
     }
 
     #[test]

@@ -16,16 +16,29 @@
 //! this sink's retries do. Records of different aggregates that share a Kafka key
 //! (a `kafka.key` template without `{aggregate_id}`) are not ordered among each other.
 //!
-//! A fatal producer error (librdkafka lost the idempotence state it cannot recover,
-//! e.g. after the broker forgot the producer id) makes the producer unusable. This
-//! sink then replaces it with a fresh one and reports the event as retryable: a new
-//! producer id means records in flight may be written twice, never lost.
+//! A producer can become unusable for good: librdkafka's fatal error (it lost the
+//! idempotence state it cannot recover), or a broker that refuses the producer's id or
+//! epoch (fenced, invalid epoch, unknown producer id: after records timed out during
+//! a broker hang librdkafka bumps the epoch, and a broker that does not follow refuses
+//! every later request). This sink then replaces the producer with a fresh one, once
+//! per broken producer however many events fail on it (one WARN, one count in
+//! `outboxd_producer_replacements_total`), and reports each event as retryable: a new
+//! producer id means records in flight may be written twice, never lost, and the
+//! relay's gate keeps each aggregate's order across the replacement.
+//!
+//! What Kafka can never accept (a record over `message.max.bytes`, an illegal topic
+//! name) is rejected before it reaches the producer ([`limits`]).
+//!
+//! Dropping the sink purges what librdkafka still holds (never acknowledged, so the
+//! slot resends it) and joins librdkafka's threads on a blocking thread, never on the
+//! relay's: with a hung broker that takes a moment, and shutdown must stay bounded.
 //!
 //! This module never logs payloads or property values.
 
 mod classify;
 pub mod client;
 pub mod encode;
+mod limits;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -39,6 +52,7 @@ use crate::config::{ContentMode, KafkaConfig};
 use crate::route::{Sanitize, Template};
 use classify::{classify, Class};
 use client::Producer;
+use limits::{Limits, RecordSize};
 
 const SINK: &str = "kafka";
 
@@ -49,7 +63,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Publishes to Kafka.
 pub struct KafkaSink {
     /// The producer in use; replaced after a fatal error (see the module docs).
-    producer: RwLock<Arc<Producer>>,
+    producer: RwLock<Arc<OffThread<Producer>>>,
     /// The producer's settings, kept to build a replacement. Holds secrets: never
     /// formatted.
     settings: rdkafka::ClientConfig,
@@ -57,11 +71,19 @@ pub struct KafkaSink {
     topic: Template,
     key: Template,
     mode: ContentMode,
+    /// What a record must fit before it is produced.
+    limits: Limits,
+    /// `outboxd_producer_replacements_total`, when the caller counts.
+    replacements: Option<prometheus::IntCounterVec>,
 }
 
 impl KafkaSink {
-    /// Creates the producer and waits until a broker answers a metadata request.
-    pub async fn connect(cfg: &KafkaConfig) -> Result<Self, SinkError> {
+    /// Creates the producer and waits until a broker answers a metadata request;
+    /// producer replacements are counted in `replacements` (by reason) when given.
+    pub async fn connect(
+        cfg: &KafkaConfig,
+        replacements: Option<prometheus::IntCounterVec>,
+    ) -> Result<Self, SinkError> {
         let topic = Template::parse(&cfg.topic).map_err(|e| SinkError::Fatal {
             sink: SINK,
             detail: format!("kafka.topic: {e}"),
@@ -104,13 +126,23 @@ impl KafkaSink {
             overridden = ?cfg.properties.keys().collect::<Vec<_>>(),
             "kafka producer ready"
         );
+        // Asks for topic configs (max.message.bytes); it sends nothing, so it must not
+        // register an idempotent producer id. Without it only the producer's limit holds.
+        let mut admin_settings = settings.clone();
+        admin_settings.set("enable.idempotence", "false");
+        let admin = client::create(&admin_settings, cfg)
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot create the kafka admin client; topics' max.message.bytes will not be checked before sending"))
+            .ok();
+        let limits = Limits::new(&settings, admin);
         Ok(Self {
-            producer: RwLock::new(Arc::new(producer)),
+            producer: RwLock::new(Arc::new(OffThread::new(producer))),
             settings,
             kafka: cfg.clone(),
             topic,
             key,
             mode: cfg.content_mode,
+            limits,
+            replacements,
         })
     }
 
@@ -127,7 +159,15 @@ impl KafkaSink {
             reason: "encode",
             detail: e.to_string(),
         })?;
-        let size = encoded.value.as_ref().map_or(0, Vec::len);
+        let size = RecordSize::of(
+            key.as_bytes(),
+            encoded.value.as_deref(),
+            encoded
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_ref(), value.as_bytes())),
+        );
+        self.limits.check(&topic, size).await?;
         let headers = encoded.headers.iter().fold(
             OwnedHeaders::new_with_capacity(encoded.headers.len()),
             |h, (name, value)| {
@@ -159,10 +199,10 @@ impl KafkaSink {
             },
             Err((e, _record)) => e,
         };
-        Err(self.sort(&producer, err, &topic, size))
+        Err(self.sort(&producer, err, &topic, size.value))
     }
 
-    fn current(&self) -> Arc<Producer> {
+    fn current(&self) -> Arc<OffThread<Producer>> {
         // A poisoned lock only means another task panicked while swapping the Arc;
         // the Arc inside is still a whole producer.
         match self.producer.read() {
@@ -171,7 +211,13 @@ impl KafkaSink {
         }
     }
 
-    fn sort(&self, used: &Arc<Producer>, err: KafkaError, topic: &str, size: usize) -> SinkError {
+    fn sort(
+        &self,
+        used: &Arc<OffThread<Producer>>,
+        err: KafkaError,
+        topic: &str,
+        size: usize,
+    ) -> SinkError {
         match classify(&err) {
             Class::Retry(reason) => SinkError::Retryable {
                 sink: SINK,
@@ -195,24 +241,30 @@ impl KafkaSink {
                 sink: SINK,
                 detail: format!("topic {topic}: {err}: {hint}"),
             },
-            Class::ResetProducer => {
-                let why = used
+            Class::ResetProducer(why) => {
+                let error = used
                     .client()
                     .fatal_error()
                     .map(|(code, text)| format!("{code:?}: {text}"))
                     .unwrap_or_else(|| err.to_string());
-                self.reset(used, &why);
+                self.reset(used, why, &error);
                 SinkError::Retryable {
                     sink: SINK,
-                    reason: "producer_fatal",
-                    detail: format!("topic {topic}: fatal producer error, producer replaced: {why}"),
+                    reason: if why == "fatal" {
+                        "producer_fatal"
+                    } else {
+                        "producer_fenced"
+                    },
+                    detail: format!("topic {topic}: {error}; the producer was replaced"),
                 }
             }
         }
     }
 
-    /// Replaces `broken` unless another task already did.
-    fn reset(&self, broken: &Arc<Producer>, why: &str) {
+    /// Replaces `broken` unless another task already did: every event in flight on a
+    /// broken producer fails, and only the first failure replaces it (one WARN and
+    /// one count per replacement, not one per event).
+    fn reset(&self, broken: &Arc<OffThread<Producer>>, why: &'static str, error: &str) {
         let mut current = match self.producer.write() {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
@@ -222,15 +274,49 @@ impl KafkaSink {
         }
         match client::create::<Producer>(&self.settings, &self.kafka) {
             Ok(fresh) => {
-                let old = std::mem::replace(&mut *current, Arc::new(fresh));
+                // The old producer goes when its last event in flight lets go of it.
+                let old = std::mem::replace(&mut *current, Arc::new(OffThread::new(fresh)));
                 drop(current);
-                tracing::warn!(error = %why, "kafka producer failed fatally; replaced it (records in flight may be written twice)");
-                // librdkafka joins its threads on destroy: not on an async worker.
-                tokio::task::spawn_blocking(move || drop(old));
+                if let Some(m) = &self.replacements {
+                    m.with_label_values(&[why]).inc();
+                }
+                tracing::warn!(reason = why, %error, "kafka producer replaced by a fresh one; events in flight are retried on it and may be written twice");
+                drop(old);
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot replace the failed kafka producer; trying again on the next failure");
             }
+        }
+    }
+}
+
+/// A librdkafka client whose drop (purging what it still holds, then joining its
+/// threads, which takes a while with a hung broker) runs on a blocking thread, never
+/// on the relay's one async thread. The process does not wait for it beyond the
+/// bound `main` sets: a purged record was never acknowledged, so the slot resends it.
+struct OffThread<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> OffThread<T> {
+    fn new(client: T) -> Self {
+        Self(Some(client))
+    }
+}
+
+impl<T: Send + 'static> std::ops::Deref for OffThread<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        self.0
+            .as_ref()
+            .expect("only Drop takes the client out, and nothing derefs after it")
+    }
+}
+
+impl<T: Send + 'static> Drop for OffThread<T> {
+    fn drop(&mut self) {
+        let Some(client) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(move || drop(client))),
+            Err(_) => drop(client),
         }
     }
 }
