@@ -27,6 +27,7 @@ pub mod monitor;
 pub mod pgoutput;
 pub mod privileges;
 pub mod tls;
+pub mod version;
 
 use std::collections::HashMap;
 use std::time::Duration;

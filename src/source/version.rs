@@ -1,0 +1,50 @@
+//! PostgreSQL server versions: the few commands whose spelling differs between the
+//! versions outboxd supports (README, "Supported versions"). It only judges a
+//! `server_version_num`; it never talks to a server.
+//!
+//! What differs, and why it matters here:
+//! - `CREATE_REPLICATION_SLOT … (SNAPSHOT 'export')` is the option syntax of
+//!   PostgreSQL 15; 14 only knows the older keyword form `EXPORT_SNAPSHOT` and
+//!   answers the new one with a syntax error (42601), which would keep the initial
+//!   snapshot retrying forever.
+//! - `pg_logical_emit_message` gained a fourth parameter (`flush boolean DEFAULT
+//!   false`) in 17, which replaced the three-parameter function: a privilege check
+//!   or GRANT naming `(boolean, text, text)` fails there with 42883.
+//! - Failover slots (`failover` of `pg_create_logical_replication_slot`,
+//!   `ALTER_REPLICATION_SLOT`) exist from 17 on; decoding on a hot standby from 16.
+
+/// The major version of a `server_version_num` (`170004` → 17).
+pub fn major(version_num: i32) -> u32 {
+    u32::try_from(version_num / 10_000).unwrap_or(0)
+}
+
+/// The replication command that creates a temporary logical slot with pgoutput and
+/// exports its snapshot, spelled for the server.
+pub fn create_exported_temp_slot(version_num: i32, name: &str) -> String {
+    if major(version_num) < 15 {
+        format!("CREATE_REPLICATION_SLOT {name} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT")
+    } else {
+        format!("CREATE_REPLICATION_SLOT {name} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn majors() {
+        assert_eq!(major(140_023), 14);
+        assert_eq!(major(180_004), 18);
+    }
+
+    #[test]
+    fn the_exported_slot_command_is_spelled_per_version() {
+        assert_eq!(
+            create_exported_temp_slot(140_023, "s"),
+            "CREATE_REPLICATION_SLOT s TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT"
+        );
+        assert!(create_exported_temp_slot(150_000, "s").ends_with("(SNAPSHOT 'export')"));
+        assert!(create_exported_temp_slot(180_004, "s").ends_with("(SNAPSHOT 'export')"));
+    }
+}
