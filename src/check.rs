@@ -427,8 +427,8 @@ pub fn setup_sql(cfg: &Config) -> String {
     let role = relay_role(cfg);
     let heartbeat = if p.heartbeat_interval_secs > 0 {
         format!(
-            "GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO {role}; \
-             -- heartbeats (PUBLIC has it unless revoked)\n"
+            "-- heartbeats (PUBLIC has it unless revoked; the signature gained a parameter in 17):\n{}\n",
+            crate::source::version::grant_emit_message_sql(&role)
         )
     } else {
         String::new()

@@ -160,17 +160,22 @@ impl Control {
 
     /// What the connected role may do (see [`Privileges`]).
     pub async fn privileges(&self, cfg: &Config) -> Result<Privileges, SourceError> {
+        // The emit function is looked up, not named: its signature changed in 17.
+        let emit = super::version::EMIT_MESSAGE_FN_SQL;
         let row = self
             .client
             .query_one(
-                "SELECT quote_ident(current_user), r.rolsuper, r.rolreplication, \
+                &format!(
+                    "SELECT quote_ident(current_user), r.rolsuper, r.rolreplication, \
                         CASE WHEN to_regclass($1) IS NULL THEN NULL \
                              ELSE has_table_privilege(to_regclass($1), 'SELECT') END, \
-                        has_function_privilege('pg_logical_emit_message(boolean, text, text)', 'EXECUTE'), \
+                        COALESCE(has_function_privilege(({emit})::oid, 'EXECUTE'), false), \
                         (SELECT pg_has_role(c.relowner, 'USAGE') \
                                 AND has_database_privilege(current_database(), 'CREATE') \
-                         FROM pg_class c WHERE c.oid = to_regclass($1)) \
-                 FROM pg_roles r WHERE r.rolname = current_user",
+                         FROM pg_class c WHERE c.oid = to_regclass($1)), \
+                        COALESCE(({emit})::text, 'pg_logical_emit_message(boolean, text, text)') \
+                     FROM pg_roles r WHERE r.rolname = current_user"
+                ),
                 &[&cfg.postgres.table],
             )
             .await
@@ -182,6 +187,7 @@ impl Control {
             select: row.get(3),
             emit_message: row.get(4),
             can_publish: row.get(5),
+            emit_message_fn: row.get(6),
         })
     }
 

@@ -49,7 +49,7 @@ pub async fn run(cfg: Arc<Config>, telemetry: Arc<Telemetry>, shutdown: Cancella
                     Ok(()) => telemetry.metrics.heartbeats.inc(),
                     Err(e) if !heartbeat_warned => {
                         heartbeat_warned = true;
-                        tracing::warn!(error = %e, "cannot write heartbeats; an idle outbox will hold WAL back (GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO <role>)");
+                        tracing::warn!(error = %e, "cannot write heartbeats; an idle outbox will hold WAL back (GRANT EXECUTE on pg_logical_emit_message: `outboxd check` prints the statement)");
                     }
                     Err(_) => {}
                 }

@@ -19,8 +19,11 @@ pub struct Privileges {
     pub replication: bool,
     /// SELECT on the outbox table (`outboxd replay`); `None` when it does not exist.
     pub select: Option<bool>,
-    /// EXECUTE on `pg_logical_emit_message(boolean, text, text)` (heartbeats).
+    /// EXECUTE on the text variant of `pg_logical_emit_message` (heartbeats).
     pub emit_message: bool,
+    /// That variant's signature on this server, e.g.
+    /// `pg_logical_emit_message(boolean,text,text,boolean)` (PostgreSQL 17+).
+    pub emit_message_fn: String,
     /// May create the publication: owns the table and has CREATE on the database;
     /// `None` when the table does not exist.
     pub can_publish: Option<bool>,
@@ -55,8 +58,9 @@ impl Privileges {
         (!self.emit_message).then(|| {
             format!(
                 "role {r} lacks EXECUTE on pg_logical_emit_message (heartbeats): run \
-                 GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO {r};",
-                r = self.role
+                 GRANT EXECUTE ON FUNCTION {f} TO {r};",
+                r = self.role,
+                f = self.emit_message_fn
             )
         })
     }
