@@ -25,3 +25,4 @@ mod slot_loss;
 mod snapshot;
 mod standby;
 mod tableless;
+mod versions;

@@ -65,6 +65,15 @@ impl ExportedSlot {
             .ok_or_else(|| {
                 SourceError::Setup("the server did not report server_version_num".into())
             })?;
+        // Refused before anything exists: the copy would otherwise become a permanent
+        // slot without the flag (ALTER_REPLICATION_SLOT is 17's).
+        if cfg.postgres.failover_slot
+            && super::version::major(version) < super::version::FAILOVER_SLOTS_SINCE
+        {
+            return Err(SourceError::Setup(format!(
+                "postgres.failover_slot = true needs PostgreSQL 17 or later (server is {version})"
+            )));
+        }
         let rows = client
             .simple_query(&super::version::create_exported_temp_slot(version, &temp))
             .await

@@ -13,6 +13,9 @@
 //! - Failover slots (`failover` of `pg_create_logical_replication_slot`,
 //!   `ALTER_REPLICATION_SLOT`) exist from 17 on; decoding on a hot standby from 16.
 
+/// The first major version with failover slots.
+pub const FAILOVER_SLOTS_SINCE: u32 = 17;
+
 /// The major version of a `server_version_num` (`170004` → 17).
 pub fn major(version_num: i32) -> u32 {
     u32::try_from(version_num / 10_000).unwrap_or(0)

@@ -1,0 +1,242 @@
+//! Black-box: what depends on the PostgreSQL version. Each test runs on whatever
+//! server the harness starts (`OUTBOXD_TEST_PG_BINDIR`, see `make test-matrix`) and
+//! asserts the behaviour that version must have: a failover slot survives a
+//! promotion from 17 on and is refused with the reason before. No test returns early
+//! without asserting something.
+
+use crate::support;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use support::faults::{stdout_ids, Writer};
+use support::replica::Forward;
+use support::{config, insert_event, wait_for, Postgres, Relay};
+
+/// The events the stdout sink printed: (id, aggregate, n, commit LSN from `sequence`).
+fn printed(relay: &Relay) -> Vec<(String, String, i64, u64)> {
+    relay
+        .stdout()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("one JSON event a line"))
+        .map(|v| {
+            let sequence = v["sequence"].as_str().expect("sequence");
+            (
+                v["id"].as_str().expect("id").to_string(),
+                v["subject"].as_str().expect("subject").to_string(),
+                v["data"]["n"].as_i64().expect("data.n"),
+                u64::from_str_radix(&sequence[..16], 16).expect("hex commit LSN"),
+            )
+        })
+        .collect()
+}
+
+/// Per aggregate, the first deliveries of its events come in commit (`n`) order.
+fn assert_first_deliveries_in_order(events: &[(String, String, i64, u64)]) {
+    let mut seen = HashSet::new();
+    let mut last: HashMap<&str, i64> = HashMap::new();
+    for (id, aggregate, n, _) in events {
+        if !seen.insert(id.as_str()) {
+            continue;
+        }
+        if let Some(prev) = last.insert(aggregate, *n) {
+            assert!(
+                *n > prev,
+                "aggregate {aggregate}: n={n} arrived after n={prev}"
+            );
+        }
+    }
+}
+
+/// The relay exits 1 on its own, and its last line names `needle`.
+async fn refused_naming(relay: &mut Relay, needle: &str) {
+    let status = relay
+        .wait_exit(Duration::from_secs(90))
+        .await
+        .unwrap_or_else(|| panic!("the relay kept running; stderr: {}", relay.stderr()));
+    let stderr = relay.stderr();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let last = support::faults::last_line(&stderr);
+    assert!(
+        last.contains(needle),
+        "{needle:?} not in the final message: {last}"
+    );
+}
+
+/// The confirmed position of the synchronized (failover) slot on a standby; 0 while
+/// there is none.
+async fn synced(standby: &Postgres) -> u64 {
+    standby
+        .client()
+        .await
+        .query_opt(
+            "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots \
+             WHERE slot_name = 'outboxd' AND synced AND NOT temporary",
+            &[],
+        )
+        .await
+        .expect("synced slot")
+        .and_then(|r| r.get::<_, Option<i64>>(0))
+        .unwrap_or(0) as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_slot_survives_the_promotion_of_the_standby() {
+    let primary = Postgres::start();
+    primary.create_outbox().await;
+    let db = primary.client().await;
+    let mut before = HashSet::new();
+    for n in 1..=30 {
+        // (the writer below counts its own n for aggregates agg-*)
+        let aggregate = format!("old-{}", n % 5);
+        before.insert(insert_event(&db, &aggregate, n).await.expect("insert"));
+    }
+    let forward = Forward::to(primary.port);
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", forward.port);
+    let cfg = config(
+        &primary,
+        None,
+        &[
+            ("postgres", "url", &format!("\"{url}\"")),
+            ("postgres", "failover_slot", "true"),
+            ("postgres", "initial_snapshot", "true"),
+        ],
+    );
+    if primary.major().await < 17 {
+        // Given PostgreSQL before 17, when the relay would create the slot through
+        // the initial snapshot, then it stops naming the version and creates no slot
+        let mut relay = Relay::spawn(&cfg);
+        refused_naming(&mut relay, "needs PostgreSQL 17").await;
+        assert_eq!(
+            primary.confirmed_lsn("outboxd").await,
+            None,
+            "a slot was left"
+        );
+        return;
+    }
+    // Given PostgreSQL 17+: a physical standby that synchronizes failover slots, and a
+    // primary whose logical walsenders wait for that standby
+    // (synchronized_standby_slots), so no event gets ahead of the standby's WAL
+    let standby = primary
+        .start_standby("standby", &[("sync_replication_slots", "on")])
+        .await;
+    for sql in [
+        "ALTER SYSTEM SET synchronized_standby_slots = 'standby'",
+        "SELECT pg_reload_conf()",
+    ] {
+        db.batch_execute(sql)
+            .await
+            .expect("synchronized_standby_slots");
+    }
+    // and outboxd (failover_slot = true, initial snapshot) behind a name that points
+    // at the primary
+    let relay = Relay::spawn(&cfg);
+    primary.wait_streaming("outboxd").await;
+    let failover: bool = db
+        .query_one(
+            "SELECT failover FROM pg_replication_slots WHERE slot_name = 'outboxd'",
+            &[],
+        )
+        .await
+        .expect("slot")
+        .get(0);
+    assert!(
+        failover,
+        "the slot made from the snapshot lacks failover = true"
+    );
+    // When the application writes throughout (through the same name)
+    let writer = Writer::spawn(
+        url.clone(),
+        10,
+        5,
+        Duration::from_millis(5),
+        support::seed(),
+    );
+    // and the slot is synchronized to the standby
+    assert!(
+        wait_for(Duration::from_secs(90), || async {
+            let _ = db.execute("SELECT pg_log_standby_snapshot()", &[]).await;
+            synced(&standby).await > 0 && stdout_ids(&relay).len() >= before.len() + 300
+        })
+        .await,
+        "the slot was not synchronized (or too few events); standby log: {}",
+        standby.log()
+    );
+    // and the primary crashes mid-stream
+    primary.crash();
+    let synced_at = synced(&standby).await;
+    let printed_before_failover: HashSet<String> = stdout_ids(&relay).into_iter().collect();
+    // and the standby is promoted and the name moved to it
+    standby.promote();
+    forward.point_to(standby.port);
+    // Then outboxd resumes there, and rows committed after the failover arrive too
+    let resumed = stdout_ids(&relay).len();
+    assert!(
+        wait_for(Duration::from_secs(60), || async {
+            stdout_ids(&relay).len() >= resumed + 200
+        })
+        .await,
+        "no events after the failover; relay: {}",
+        relay.stderr()
+    );
+    let _committed = writer.finish().await;
+    // Then every row of the new primary's outbox arrives: what was committed and
+    // acknowledged on the old primary, and what was committed since
+    let expected = standby.outbox_ids().await;
+    assert!(
+        wait_for(Duration::from_secs(60), || async {
+            let got: HashSet<String> = stdout_ids(&relay).into_iter().collect();
+            expected.is_subset(&got)
+        })
+        .await,
+        "events missing after the failover; relay: {}",
+        relay.stderr()
+    );
+    let events = printed(&relay);
+    let got: HashSet<String> = events.iter().map(|e| e.0.clone()).collect();
+    assert_eq!(
+        got, expected,
+        "an event of a transaction the new primary lacks"
+    );
+    assert!(
+        printed_before_failover.is_subset(&expected),
+        "published before the crash, but lost by the failover"
+    );
+    // none twice, except transactions after the synced slot's position (those the
+    // standby had not yet learned were acknowledged)
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for e in &events {
+        *count.entry(e.0.as_str()).or_default() += 1;
+    }
+    let repeated: Vec<&(String, String, i64, u64)> =
+        events.iter().filter(|e| count[e.0.as_str()] > 1).collect();
+    let early: Vec<_> = repeated.iter().filter(|e| e.3 < synced_at).collect();
+    assert!(
+        early.is_empty(),
+        "{} events before the synced position {synced_at:X} were sent twice, e.g. {:?}",
+        early.len(),
+        early.first()
+    );
+    eprintln!(
+        "{} events, {} repeated after the synced position {synced_at:X}",
+        events.len(),
+        repeated.len() / 2
+    );
+    assert_first_deliveries_in_order(&events);
+    // and outboxd streamed from the synced slot, at its position (never a new slot)
+    let stderr = relay.stderr();
+    let resumed_at = support::faults::relay_log_lines(&stderr, "streaming")
+        .last()
+        .and_then(|l| {
+            l.split("start_lsn=")
+                .nth(1)
+                .map(|s| s.split_whitespace().next().unwrap_or("").to_string())
+        })
+        .expect("a streaming line");
+    assert_eq!(
+        resumed_at,
+        format!("{:X}/{:X}", synced_at >> 32, synced_at & 0xFFFF_FFFF),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("disappeared"), "{stderr}");
+}
