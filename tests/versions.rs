@@ -1,6 +1,7 @@
 //! Black-box: what depends on the PostgreSQL version. Each test runs on whatever
 //! server the harness starts (`OUTBOXD_TEST_PG_BINDIR`, see `make test-matrix`) and
-//! asserts the behaviour that version must have: a failover slot survives a
+//! asserts the behaviour that version must have: decoding on a hot standby works
+//! from 16 on and is refused with the reason before; a failover slot survives a
 //! promotion from 17 on and is refused with the reason before. No test returns early
 //! without asserting something.
 
@@ -12,6 +13,9 @@ use std::time::Duration;
 use support::faults::{stdout_ids, Writer};
 use support::replica::Forward;
 use support::{config, insert_event, wait_for, Postgres, Relay};
+
+const PUBLICATION: &str =
+    "CREATE PUBLICATION outboxd FOR TABLE public.outbox WITH (publish = 'insert')";
 
 /// The events the stdout sink printed: (id, aggregate, n, commit LSN from `sequence`).
 fn printed(relay: &Relay) -> Vec<(String, String, i64, u64)> {
@@ -63,6 +67,11 @@ async fn refused_naming(relay: &mut Relay, needle: &str) {
     );
 }
 
+/// The slot's confirmed position on `pg`, 0 when it has none.
+async fn confirmed(pg: &Postgres) -> u64 {
+    pg.confirmed_lsn("outboxd").await.unwrap_or(0)
+}
+
 /// The confirmed position of the synchronized (failover) slot on a standby; 0 while
 /// there is none.
 async fn synced(standby: &Postgres) -> u64 {
@@ -78,6 +87,134 @@ async fn synced(standby: &Postgres) -> u64 {
         .expect("synced slot")
         .and_then(|r| r.get::<_, Option<i64>>(0))
         .unwrap_or(0) as u64
+}
+
+/// Waits until a walsender of `standby` streams from slot `outboxd`. A logical slot
+/// on a standby is usable once the primary logged its running transactions (the
+/// background writer does so every 15 s while there is activity);
+/// `pg_log_standby_snapshot()` on the primary hastens that.
+async fn wait_streaming_on_standby(primary: &Postgres, standby: &Postgres, relay: &Relay) {
+    let admin = primary.client().await;
+    assert!(
+        wait_for(Duration::from_secs(90), || async {
+            admin
+                .execute("SELECT pg_log_standby_snapshot()", &[])
+                .await
+                .expect("pg_log_standby_snapshot");
+            standby
+                .client()
+                .await
+                .query_opt(
+                    "SELECT 1 FROM pg_replication_slots s \
+                     JOIN pg_stat_replication r ON r.pid = s.active_pid \
+                     WHERE s.slot_name = 'outboxd'",
+                    &[],
+                )
+                .await
+                .expect("query slot")
+                .is_some()
+        })
+        .await,
+        "no relay streams from the standby; relay: {}\nstandby log: {}",
+        relay.stderr(),
+        standby.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decoding_from_a_hot_standby_relays_the_primarys_rows() {
+    // Given a primary whose outbox holds rows, its publication made by the owner (a
+    // standby cannot create one), and a hot standby of it
+    let primary = Postgres::start();
+    primary.create_outbox().await;
+    let db = primary.client().await;
+    db.batch_execute(PUBLICATION).await.expect("publication");
+    let mut expected = HashSet::new();
+    for n in 1..=20 {
+        let aggregate = format!("agg-{}", n % 3);
+        expected.insert(insert_event(&db, &aggregate, n).await.expect("insert"));
+    }
+    let standby = primary.start_standby("standby", &[]).await;
+    // When outboxd runs against the standby, with the initial snapshot and heartbeats
+    let cfg = config(
+        &standby,
+        None,
+        &[
+            ("postgres", "initial_snapshot", "true"),
+            ("postgres", "heartbeat_interval_secs", "1"),
+            ("postgres", "monitor_interval_secs", "1"),
+        ],
+    );
+    let mut relay = Relay::spawn(&cfg);
+    if primary.major().await < 16 {
+        // Then before PostgreSQL 16 it stops and says why
+        refused_naming(&mut relay, "needs PostgreSQL 16").await;
+        return;
+    }
+    wait_streaming_on_standby(&primary, &standby, &relay).await;
+    // and rows committed on the primary afterwards arrive too
+    for n in 21..=220 {
+        let aggregate = format!("agg-{}", n % 3);
+        expected.insert(insert_event(&db, &aggregate, n).await.expect("insert"));
+    }
+    assert!(
+        wait_for(Duration::from_secs(60), || async {
+            stdout_ids(&relay).len() >= expected.len()
+        })
+        .await,
+        "{} of {} events arrived; relay: {}",
+        stdout_ids(&relay).len(),
+        expected.len(),
+        relay.stderr()
+    );
+    // Then each exactly once (the 20 old ones from the snapshot), in per-aggregate order
+    let events = printed(&relay);
+    let ids: Vec<&String> = events.iter().map(|e| &e.0).collect();
+    assert_eq!(ids.len(), expected.len(), "repeats: {ids:?}");
+    assert_eq!(ids.into_iter().cloned().collect::<HashSet<_>>(), expected);
+    assert_first_deliveries_in_order(&events);
+
+    // When the outbox is idle while other tables fill the primary's WAL, and the
+    // primary writes a heartbeat message (what a scheduler there may do)
+    db.batch_execute(
+        "CREATE TABLE other (x int); INSERT INTO other SELECT generate_series(1, 5000);
+         SELECT pg_logical_emit_message(true, 'outboxd.heartbeat', now()::text);",
+    )
+    .await
+    .expect("other writes");
+    let target = primary.current_lsn().await;
+    // Then the standby's slot is confirmed past them: no heartbeat is needed (or
+    // possible) on the standby for the slot to advance
+    assert!(
+        wait_for(Duration::from_secs(60), || async {
+            confirmed(&standby).await >= target
+        })
+        .await,
+        "slot on the standby stuck at {} (primary at {target}); relay: {}",
+        confirmed(&standby).await,
+        relay.stderr()
+    );
+    // and nothing was published for them
+    assert_eq!(stdout_ids(&relay).len(), expected.len());
+    // and the slot monitor reads the standby's slot (its position is the replayed one)
+    let port = support::secure::http_port(&cfg);
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            support::metric(&support::scrape(port), "outboxd_confirmed_lsn_bytes")
+                .is_some_and(|v| v >= target as f64)
+        })
+        .await,
+        "the slot monitor does not follow the standby's slot: {}",
+        support::scrape(port)
+    );
+    // and the relay said why it writes no heartbeats, and never failed trying
+    let stderr = relay.stderr();
+    assert!(
+        stderr.contains("connected to a hot standby: no heartbeats are written here"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("cannot write heartbeats"), "{stderr}");
+    assert!(!standby.log().contains("cannot assign TransactionIds"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

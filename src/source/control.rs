@@ -191,6 +191,17 @@ impl Control {
         })
     }
 
+    /// Whether the server is a standby (in recovery): it decodes (PostgreSQL 16+) but
+    /// cannot write, so no heartbeat can be written there.
+    pub async fn in_recovery(&self) -> Result<bool, SourceError> {
+        let row = self
+            .client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(SourceError::query)?;
+        Ok(row.get(0))
+    }
+
     /// The server's `wal_level`.
     pub async fn wal_level(&self) -> Result<String, SourceError> {
         let row = self
@@ -449,8 +460,11 @@ impl Control {
             Err(e) => {
                 let fix = if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
                     ": the role needs REPLICATION: ALTER ROLE <role> REPLICATION (as a superuser)"
+                        .to_string()
+                } else if db_message(&e).contains("while in recovery") {
+                    format!(": {}", super::STANDBY_NEEDS_16)
                 } else {
-                    ""
+                    String::new()
                 };
                 return Err(SourceError::Setup(format!(
                     "cannot create replication slot {}: {}{fix}",
@@ -550,17 +564,21 @@ impl Control {
             .map(|_| ())
     }
 
-    /// Position and retention of `slot`, if it exists.
+    /// Position and retention of `slot`, if it exists. On a hot standby (decoding
+    /// there needs PostgreSQL 16+) the server position is the replayed one:
+    /// `pg_current_wal_lsn()` fails during recovery (55000).
     pub async fn slot_stats(&self, slot: &str) -> Result<Option<SlotStats>, SourceError> {
         let row = self
             .client
             .query_opt(
-                "SELECT (pg_current_wal_lsn() - '0/0')::bigint, \
+                "WITH w AS (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                                        ELSE pg_current_wal_lsn() END AS lsn) \
+                 SELECT (w.lsn - '0/0')::bigint, \
                         (confirmed_flush_lsn - '0/0')::bigint, \
-                        (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, \
-                        (pg_current_wal_lsn() - restart_lsn)::bigint, \
+                        (w.lsn - confirmed_flush_lsn)::bigint, \
+                        (w.lsn - restart_lsn)::bigint, \
                         wal_status, safe_wal_size \
-                 FROM pg_replication_slots WHERE slot_name = $1",
+                 FROM pg_replication_slots, w WHERE slot_name = $1",
                 &[&slot],
             )
             .await

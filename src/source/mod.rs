@@ -129,6 +129,7 @@ impl SourceError {
                     "logical decoding requires",
                     "set wal_level = logical and restart Postgres",
                 ),
+                ("cannot be used while in recovery", STANDBY_NEEDS_16),
             ] {
                 if msg.contains(needle) {
                     return SourceError::Setup(format!("replication connection: {msg}: {fix}"));
@@ -138,6 +139,11 @@ impl SourceError {
         SourceError::Connection(e.to_string())
     }
 }
+
+/// The fix for "logical decoding cannot be used while in recovery".
+pub(crate) const STANDBY_NEEDS_16: &str =
+    "postgres.url points at a standby, and logical decoding on a standby needs PostgreSQL 16 or \
+     later: point it at the primary";
 
 /// SQLSTATE classes that mean "not now" rather than "not this way": connection
 /// exceptions (08), insufficient resources (53, e.g. too many connections), operator
