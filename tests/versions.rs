@@ -122,6 +122,35 @@ async fn wait_streaming_on_standby(primary: &Postgres, standby: &Postgres, relay
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_the_server_version_as_tested() {
+    // Given a server of the matrix (or the default one)
+    let pg = Postgres::start();
+    let major = pg.major().await;
+    // When `outboxd check` runs
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("outboxd.toml");
+    std::fs::write(&path, config(&pg, None, &[])).expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .env_remove("OUTBOXD_CONFIG")
+        .output()
+        .expect("run check");
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    // Then it names the version as tested, on an ok line (WARN would be an untested one)
+    let line = report
+        .lines()
+        .find(|l| l.contains("postgres version"))
+        .unwrap_or_else(|| panic!("no version line: {report}"));
+    assert!(line.starts_with("ok "), "{report}");
+    assert!(
+        line.contains(&format!("PostgreSQL {major} is tested")),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decoding_from_a_hot_standby_relays_the_primarys_rows() {
     // Given a primary whose outbox holds rows, its publication made by the owner (a
     // standby cannot create one), and a hot standby of it

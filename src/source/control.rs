@@ -191,6 +191,19 @@ impl Control {
         })
     }
 
+    /// `server_version_num` (`170004`) and `server_version` (`17.4 (Debian …)`).
+    pub async fn server_version(&self) -> Result<(i32, String), SourceError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
+                &[],
+            )
+            .await
+            .map_err(SourceError::query)?;
+        Ok((row.get(0), row.get(1)))
+    }
+
     /// Whether the server is a standby (in recovery): it decodes (PostgreSQL 16+) but
     /// cannot write, so no heartbeat can be written there.
     pub async fn in_recovery(&self) -> Result<bool, SourceError> {

@@ -1,6 +1,6 @@
-//! PostgreSQL server versions: the few commands whose spelling differs between the
-//! versions outboxd supports (README, "Supported versions"). It only judges a
-//! `server_version_num`; it never talks to a server.
+//! PostgreSQL server versions: which ones the test matrix proves (README, "Supported
+//! versions"), and the few commands whose spelling differs between them. It only
+//! judges a `server_version_num`; it never talks to a server.
 //!
 //! What differs, and why it matters here:
 //! - `CREATE_REPLICATION_SLOT … (SNAPSHOT 'export')` is the option syntax of
@@ -13,12 +13,21 @@
 //! - Failover slots (`failover` of `pg_create_logical_replication_slot`,
 //!   `ALTER_REPLICATION_SLOT`) exist from 17 on; decoding on a hot standby from 16.
 
+/// Major versions the version matrix runs against (15 is the `make test` default).
+/// `outboxd check` warns on any other.
+pub const TESTED_MAJORS: [u32; 5] = [14, 15, 16, 17, 18];
+
 /// The first major version with failover slots.
 pub const FAILOVER_SLOTS_SINCE: u32 = 17;
 
 /// The major version of a `server_version_num` (`170004` → 17).
 pub fn major(version_num: i32) -> u32 {
     u32::try_from(version_num / 10_000).unwrap_or(0)
+}
+
+/// Whether the test matrix covers this server.
+pub fn is_tested(version_num: i32) -> bool {
+    TESTED_MAJORS.contains(&major(version_num))
 }
 
 /// The replication command that creates a temporary logical slot with pgoutput and
@@ -57,9 +66,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn majors() {
+    fn majors_and_the_tested_table() {
         assert_eq!(major(140_023), 14);
         assert_eq!(major(180_004), 18);
+        assert!(is_tested(160_014) && is_tested(150_010));
+        assert!(!is_tested(130_020), "13 is not in the matrix");
+        assert!(
+            !is_tested(190_000),
+            "a release newer than the matrix is not tested"
+        );
     }
 
     #[test]
