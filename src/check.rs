@@ -614,10 +614,7 @@ mod tests {
         ];
         let text = render(&report);
         assert!(text.contains("ok   config"), "{text}");
-        assert!(
-            text.contains("WARN postgres version       13.22"),
-            "{text}"
-        );
+        assert!(text.contains("WARN postgres version       13.22"), "{text}");
         assert!(
             report.iter().all(|c| c.ok),
             "a warning must not change the exit code"
