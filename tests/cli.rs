@@ -250,3 +250,41 @@ async fn failover_slot_is_refused_before_postgres_17_and_created_from_17_on() {
         assert!(failover, "slot created without failover = true");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_counts_rds_replication_membership_as_replication() {
+    // Given a login role without the REPLICATION attribute, and a role named
+    // rds_replication (how Amazon RDS and Aurora grant replication instead)
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let db = pg.client().await;
+    db.batch_execute(
+        "CREATE ROLE rds_replication NOLOGIN; CREATE ROLE relay LOGIN; \
+         GRANT SELECT ON public.outbox TO relay;",
+    )
+    .await
+    .expect("roles");
+    let url = format!("\"postgres://relay@127.0.0.1:{}/postgres\"", pg.port);
+    let cfg = config(&pg, None, &[("postgres", "url", &url)]);
+    let replication_line = |o: &Output| {
+        stdout(o)
+            .lines()
+            .find(|l| l.contains("replication privilege"))
+            .unwrap_or_else(|| panic!("no replication line: {}", stdout(o)))
+            .to_string()
+    };
+    // When check runs before the grant, then it fails naming both fixes
+    let before = replication_line(&outboxd(&["check"], Some(&cfg), &[]));
+    assert!(before.starts_with("FAIL"), "{before}");
+    assert!(
+        before.contains("ALTER ROLE relay REPLICATION")
+            && before.contains("GRANT rds_replication TO relay"),
+        "{before}"
+    );
+    // When the role is made a member of rds_replication, then that check passes
+    db.batch_execute("GRANT rds_replication TO relay")
+        .await
+        .expect("grant");
+    let after = replication_line(&outboxd(&["check"], Some(&cfg), &[]));
+    assert!(after.starts_with("ok"), "{after}");
+}

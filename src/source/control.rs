@@ -161,12 +161,16 @@ impl Control {
     /// What the connected role may do (see [`Privileges`]).
     pub async fn privileges(&self, cfg: &Config) -> Result<Privileges, SourceError> {
         // The emit function is looked up, not named: its signature changed in 17.
+        // Amazon RDS and Aurora grant replication by membership in rds_replication
+        // instead of the REPLICATION attribute, which users cannot have there.
         let emit = super::version::EMIT_MESSAGE_FN_SQL;
         let row = self
             .client
             .query_one(
                 &format!(
-                    "SELECT quote_ident(current_user), r.rolsuper, r.rolreplication, \
+                    "SELECT quote_ident(current_user), r.rolsuper, \
+                        r.rolreplication OR CASE WHEN to_regrole('rds_replication') IS NULL THEN false \
+                            ELSE pg_has_role(to_regrole('rds_replication'), 'MEMBER') END, \
                         CASE WHEN to_regclass($1) IS NULL THEN NULL \
                              ELSE has_table_privilege(to_regclass($1), 'SELECT') END, \
                         COALESCE(has_function_privilege(({emit})::oid, 'EXECUTE'), false), \

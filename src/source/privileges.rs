@@ -15,7 +15,8 @@ pub struct Privileges {
     pub role: String,
     /// Superuser: may do everything (but should not be used).
     pub superuser: bool,
-    /// The REPLICATION attribute: replication connections, slots.
+    /// The REPLICATION attribute (or, on Amazon RDS and Aurora, membership in
+    /// `rds_replication`): replication connections, slots.
     pub replication: bool,
     /// SELECT on the outbox table (`outboxd replay`); `None` when it does not exist.
     pub select: Option<bool>,
@@ -35,7 +36,8 @@ impl Privileges {
         (!self.replication && !self.superuser).then(|| {
             format!(
                 "role {r} lacks the REPLICATION attribute: as a superuser, run \
-                 ALTER ROLE {r} REPLICATION;",
+                 ALTER ROLE {r} REPLICATION; (on Amazon RDS and Aurora: \
+                 GRANT rds_replication TO {r};)",
                 r = self.role
             )
         })
