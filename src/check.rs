@@ -50,10 +50,20 @@ fn warning(name: &str, detail: impl Into<String>) -> Check {
 }
 
 /// The server's version against the table the version matrix proves
-/// (`source::version::TESTED_MAJORS`): ok when tested, WARN otherwise.
+/// (`source::version::TESTED_MAJORS`): ok when tested, FAIL when older than outboxd
+/// can run on, WARN otherwise (a newer release).
 async fn version_check(control: &Control) -> Check {
-    use crate::source::version::{is_tested, major, TESTED_MAJORS};
+    use crate::source::version::{is_tested, major, OLDEST_SUPPORTED, TESTED_MAJORS};
     match control.server_version().await {
+        Ok((num, text)) if major(num) < OLDEST_SUPPORTED => check(
+            "postgres version",
+            false,
+            format!(
+                "{text}: outboxd needs PostgreSQL {OLDEST_SUPPORTED} or later (pgoutput \
+                 carries logical decoding messages, which heartbeats and the table-less \
+                 outbox are, from {OLDEST_SUPPORTED} on)"
+            ),
+        ),
         Ok((num, text)) if is_tested(num) => check(
             "postgres version",
             true,

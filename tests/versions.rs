@@ -1,6 +1,7 @@
 //! Black-box: what depends on the PostgreSQL version. Each test runs on whatever
 //! server the harness starts (`OUTBOXD_TEST_PG_BINDIR`, see `make test-matrix`) and
-//! asserts the behaviour that version must have: decoding on a hot standby works
+//! asserts the behaviour that version must have: before 14 the relay stops and
+//! `check` fails, naming the reason; decoding on a hot standby works
 //! from 16 on and is refused with the reason before; a failover slot survives a
 //! promotion from 17 on and is refused with the reason before. No test returns early
 //! without asserting something.
@@ -121,10 +122,14 @@ async fn wait_streaming_on_standby(primary: &Postgres, standby: &Postgres, relay
     );
 }
 
+/// The major versions the README's "Supported versions" table lists as tested.
+const TESTED: [i32; 5] = [14, 15, 16, 17, 18];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn check_reports_the_server_version_as_tested() {
-    // Given a server of the matrix (or the default one)
+async fn check_reports_the_server_version_and_fails_before_14() {
+    // Given a server of the matrix (or the default one, or 13) with the outbox table
     let pg = Postgres::start();
+    pg.create_outbox().await;
     let major = pg.major().await;
     // When `outboxd check` runs
     let dir = tempfile::tempdir().expect("tempdir");
@@ -138,15 +143,56 @@ async fn check_reports_the_server_version_as_tested() {
         .output()
         .expect("run check");
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
-    // Then it names the version as tested, on an ok line (WARN would be an untested one)
     let line = report
         .lines()
         .find(|l| l.contains("postgres version"))
         .unwrap_or_else(|| panic!("no version line: {report}"));
-    assert!(line.starts_with("ok "), "{report}");
+    if TESTED.contains(&major) {
+        // Then a tested version is named on an ok line, and the run passes
+        assert!(line.starts_with("ok "), "{report}");
+        assert!(
+            line.contains(&format!("PostgreSQL {major} is tested")),
+            "{report}"
+        );
+        assert!(out.status.success(), "{report}");
+    } else if major < 14 {
+        // Then an older one fails the run, naming the reason
+        assert!(line.starts_with("FAIL "), "{report}");
+        assert!(
+            line.contains("outboxd needs PostgreSQL 14 or later"),
+            "{report}"
+        );
+        assert_eq!(out.status.code(), Some(1), "{report}");
+    } else {
+        // Then a newer one is a WARN line, which does not fail the run
+        assert!(line.starts_with("WARN "), "{report}");
+        assert!(out.status.success(), "a warning failed the run: {report}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_before_14_is_refused_naming_the_reason() {
+    // Given a server and a relay with the default settings
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let mut relay = Relay::spawn(&config(&pg, None, &[]));
+    if pg.major().await < 14 {
+        // Then before 14 (no logical decoding messages in pgoutput) it stops, saying so
+        refused_naming(&mut relay, "outboxd needs PostgreSQL 14 or later").await;
+        return;
+    }
+    // Then from 14 on it streams a committed row
+    pg.wait_streaming("outboxd").await;
+    let id = insert_event(&pg.client().await, "o-1", 1)
+        .await
+        .expect("insert");
     assert!(
-        line.contains(&format!("PostgreSQL {major} is tested")),
-        "{report}"
+        wait_for(Duration::from_secs(30), || async {
+            stdout_ids(&relay).contains(&id)
+        })
+        .await,
+        "the row was not relayed: {}",
+        relay.stderr()
     );
 }
 

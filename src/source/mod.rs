@@ -130,6 +130,11 @@ impl SourceError {
                     "set wal_level = logical and restart Postgres",
                 ),
                 ("cannot be used while in recovery", STANDBY_NEEDS_16),
+                (
+                    "unrecognized pgoutput option: messages",
+                    "outboxd needs PostgreSQL 14 or later: pgoutput carries logical decoding \
+                     messages (heartbeats, the table-less outbox) from 14 on",
+                ),
             ] {
                 if msg.contains(needle) {
                     return SourceError::Setup(format!("replication connection: {msg}: {fix}"));

@@ -17,6 +17,11 @@
 /// `outboxd check` warns on any other.
 pub const TESTED_MAJORS: [u32; 5] = [14, 15, 16, 17, 18];
 
+/// The oldest major version outboxd can run on: pgoutput sends logical decoding
+/// messages (its `messages` option, which the replication session always sets) from
+/// 14 on, and heartbeats and the table-less outbox are such messages.
+pub const OLDEST_SUPPORTED: u32 = 14;
+
 /// The first major version with failover slots.
 pub const FAILOVER_SLOTS_SINCE: u32 = 17;
 
