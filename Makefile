@@ -29,7 +29,7 @@ test: deps
 
 # The version matrix: installs the pinned PostgreSQL and nats-server builds into
 # .tmp/tools (scripts/ensure-deps.sh --matrix), then runs scripts/test-matrix.sh, a
-# focused subset of the suite once per version (~12 minutes on 2 cores). Knobs:
+# focused subset of the suite once per version (~8 minutes on 2 cores). Knobs:
 # MATRIX_PG="14 16 17 18", MATRIX_NATS="2.10.26 2.15.1".
 test-matrix: deps
 	bash scripts/ensure-deps.sh --matrix

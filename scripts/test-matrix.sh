@@ -22,7 +22,7 @@ CARGO=${CARGO:-cargo}
 
 # Per PostgreSQL version: the relay end to end with SIGKILLs (nothing lost, order per
 # aggregate), the table-less outbox, a schema change, slot loss, standby takeover of
-# outboxd replicas, the initial snapshot, setup's SQL as a least-privilege role and
+# outboxd replicas, the initial snapshot (also SIGKILLed mid-way), setup's SQL as a least-privilege role and
 # check, failover slots (both sides), decoding on a hot standby (both sides).
 PG_TESTS=(
   relay_nats::sigkill_while_writing_loses_nothing_and_keeps_order
@@ -32,6 +32,7 @@ PG_TESTS=(
   slot_loss::
   standby::one_streams_standbys_take_over_on_sigkill_and_sigterm
   snapshot::snapshot_and_stream_deliver_every_row_exactly_once_in_order
+  snapshot::a_kill_during_the_snapshot_redoes_it_and_loses_nothing
   security_postgres::verify_full_streams_with_a_least_privilege_role_and_check_passes
   cli::setup_apply_then_check_passes
   cli::failover_slot_is_refused_before_postgres_17_and_created_from_17_on
@@ -81,7 +82,7 @@ leg() {
   fi
   passed=$((passed + p))
   failed=$((failed + f))
-  summary+=("$(printf '%-22s %-6s %3d passed %3d failed %4ds' "$name" "$counts" "$p" "$f" $((SECONDS - t0)))")
+  summary+=("$(printf '%-24s %-6s %3d passed %3d failed %4ds' "$name" "$counts" "$p" "$f" $((SECONDS - t0)))")
 }
 
 # Build once before timing the legs.
