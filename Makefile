@@ -1,7 +1,9 @@
 # outboxd: the two commands of the README, and their pieces.
 #   make demo   build, start a throw-away Postgres (+ nats-server), relay sample events
 #   make test   install what is missing, then the whole test suite
-.PHONY: test demo deps lint lint-deploy build build-release
+#   make test-matrix   the version-dependent tests on PostgreSQL 14/16/17/18 and
+#                      nats-server 2.10/2.15 (README, "Supported versions")
+.PHONY: test test-matrix demo deps lint lint-deploy build build-release
 
 CARGO ?= cargo
 
@@ -24,6 +26,14 @@ lint-deploy:
 
 test: deps
 	$(CARGO) test --locked --lib --tests
+
+# The version matrix: installs the pinned PostgreSQL and nats-server builds into
+# .tmp/tools (scripts/ensure-deps.sh --matrix), then runs scripts/test-matrix.sh, a
+# focused subset of the suite once per version (~8 minutes on 2 cores). Knobs:
+# MATRIX_PG="14 16 17 18", MATRIX_NATS="2.10.26 2.15.1".
+test-matrix: deps
+	bash scripts/ensure-deps.sh --matrix
+	CARGO=$(CARGO) bash scripts/test-matrix.sh
 
 demo: deps
 	bash scripts/demo.sh

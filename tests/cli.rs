@@ -217,30 +217,76 @@ fn every_shipped_config_file_loads() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_slot_before_postgres_17_is_refused_with_the_reason() {
-    // Given a PostgreSQL older than 17 and failover_slot = true
+async fn failover_slot_is_refused_before_postgres_17_and_created_from_17_on() {
+    // Given failover_slot = true on the server under test (the version matrix runs
+    // this on 14 to 18: both sides)
     let pg = Postgres::start();
-    let version: i32 = pg
-        .client()
-        .await
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .expect("version")
-        .get(0);
-    if version >= 170_000 {
-        eprintln!("server is {version}: failover slots are supported, nothing to refuse");
-        return;
-    }
+    let major = pg.major().await;
     let cfg = config(&pg, None, &[("postgres", "failover_slot", "true")]);
-    // When setup creates the slot, then it fails naming the requirement
+    // When setup creates the slot
     let o = outboxd(&["setup", "--apply"], Some(&cfg), &[]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("needs PostgreSQL 17"), "{}", stderr(&o));
-    assert_eq!(
-        pg.confirmed_lsn("outboxd").await,
-        None,
-        "no slot was created"
+    if major < 17 {
+        // Then before 17 it fails naming the requirement, and creates no slot
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains("needs PostgreSQL 17"), "{}", stderr(&o));
+        assert_eq!(
+            pg.confirmed_lsn("outboxd").await,
+            None,
+            "a slot was created"
+        );
+    } else {
+        // Then from 17 on it succeeds, and the slot is a failover slot
+        assert!(o.status.success(), "{}", stderr(&o));
+        let failover: bool = pg
+            .client()
+            .await
+            .query_one(
+                "SELECT failover FROM pg_replication_slots WHERE slot_name = 'outboxd'",
+                &[],
+            )
+            .await
+            .expect("the slot exists")
+            .get(0);
+        assert!(failover, "slot created without failover = true");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_counts_rds_replication_membership_as_replication() {
+    // Given a login role without the REPLICATION attribute, and a role named
+    // rds_replication (how Amazon RDS and Aurora grant replication instead)
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let db = pg.client().await;
+    db.batch_execute(
+        "CREATE ROLE rds_replication NOLOGIN; CREATE ROLE relay LOGIN; \
+         GRANT SELECT ON public.outbox TO relay;",
+    )
+    .await
+    .expect("roles");
+    let url = format!("\"postgres://relay@127.0.0.1:{}/postgres\"", pg.port);
+    let cfg = config(&pg, None, &[("postgres", "url", &url)]);
+    let replication_line = |o: &Output| {
+        stdout(o)
+            .lines()
+            .find(|l| l.contains("replication privilege"))
+            .unwrap_or_else(|| panic!("no replication line: {}", stdout(o)))
+            .to_string()
+    };
+    // When check runs before the grant, then it fails naming both fixes
+    let before = replication_line(&outboxd(&["check"], Some(&cfg), &[]));
+    assert!(before.starts_with("FAIL"), "{before}");
+    assert!(
+        before.contains("ALTER ROLE relay REPLICATION")
+            && before.contains("GRANT rds_replication TO relay"),
+        "{before}"
     );
+    // When the role is made a member of rds_replication, then that check passes
+    db.batch_execute("GRANT rds_replication TO relay")
+        .await
+        .expect("grant");
+    let after = replication_line(&outboxd(&["check"], Some(&cfg), &[]));
+    assert!(after.starts_with("ok"), "{after}");
 }
 
 /// `outboxd <args>` with exactly the `OUTBOXD_*` variables of `env` (none inherited)

@@ -31,3 +31,4 @@ mod snapshot;
 mod standby;
 mod table_changes;
 mod tableless;
+mod versions;

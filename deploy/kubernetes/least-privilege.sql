@@ -25,7 +25,14 @@ CREATE ROLE outboxd WITH LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE
 GRANT CONNECT ON DATABASE :"DBNAME" TO outboxd;
 GRANT USAGE ON SCHEMA public TO outboxd;
 GRANT SELECT ON public.outbox TO outboxd;
-GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO outboxd;
+-- The function gained a fourth parameter (flush) in PostgreSQL 17: grant the one
+-- this server has.
+DO $grant$ BEGIN
+IF to_regprocedure('pg_catalog.pg_logical_emit_message(boolean, text, text, boolean)') IS NOT NULL THEN
+  GRANT EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message(boolean, text, text, boolean) TO outboxd;
+ELSE
+  GRANT EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message(boolean, text, text) TO outboxd;
+END IF; END $grant$;
 
 -- 3. The publication is created by the table owner (run this part as the
 --    owner, e.g. SET ROLE orders_owner;), so outboxd needs no ownership.

@@ -160,17 +160,26 @@ impl Control {
 
     /// What the connected role may do (see [`Privileges`]).
     pub async fn privileges(&self, cfg: &Config) -> Result<Privileges, SourceError> {
+        // The emit function is looked up, not named: its signature changed in 17.
+        // Amazon RDS and Aurora grant replication by membership in rds_replication
+        // instead of the REPLICATION attribute, which users cannot have there.
+        let emit = super::version::EMIT_MESSAGE_FN_SQL;
         let row = self
             .client
             .query_one(
-                "SELECT quote_ident(current_user), r.rolsuper, r.rolreplication, \
+                &format!(
+                    "SELECT quote_ident(current_user), r.rolsuper, \
+                        r.rolreplication OR CASE WHEN to_regrole('rds_replication') IS NULL THEN false \
+                            ELSE pg_has_role(to_regrole('rds_replication'), 'MEMBER') END, \
                         CASE WHEN to_regclass($1) IS NULL THEN NULL \
                              ELSE has_table_privilege(to_regclass($1), 'SELECT') END, \
-                        has_function_privilege('pg_logical_emit_message(boolean, text, text)', 'EXECUTE'), \
+                        COALESCE(has_function_privilege(({emit})::oid, 'EXECUTE'), false), \
                         (SELECT pg_has_role(c.relowner, 'USAGE') \
                                 AND has_database_privilege(current_database(), 'CREATE') \
-                         FROM pg_class c WHERE c.oid = to_regclass($1)) \
-                 FROM pg_roles r WHERE r.rolname = current_user",
+                         FROM pg_class c WHERE c.oid = to_regclass($1)), \
+                        COALESCE(({emit})::text, 'pg_logical_emit_message(boolean, text, text)') \
+                     FROM pg_roles r WHERE r.rolname = current_user"
+                ),
                 &[&cfg.postgres.table],
             )
             .await
@@ -182,7 +191,32 @@ impl Control {
             select: row.get(3),
             emit_message: row.get(4),
             can_publish: row.get(5),
+            emit_message_fn: row.get(6),
         })
+    }
+
+    /// `server_version_num` (`170004`) and `server_version` (`17.4 (Debian …)`).
+    pub async fn server_version(&self) -> Result<(i32, String), SourceError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT current_setting('server_version_num')::int, current_setting('server_version')",
+                &[],
+            )
+            .await
+            .map_err(SourceError::query)?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// Whether the server is a standby (in recovery): it decodes (PostgreSQL 16+) but
+    /// cannot write, so no heartbeat can be written there.
+    pub async fn in_recovery(&self) -> Result<bool, SourceError> {
+        let row = self
+            .client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(SourceError::query)?;
+        Ok(row.get(0))
     }
 
     /// The server's `wal_level`.
@@ -397,8 +431,11 @@ impl Control {
             Err(e) => {
                 let fix = if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
                     ": the role needs REPLICATION: ALTER ROLE <role> REPLICATION (as a superuser)"
+                        .to_string()
+                } else if db_message(&e).contains("while in recovery") {
+                    format!(": {}", super::STANDBY_NEEDS_16)
                 } else {
-                    ""
+                    String::new()
                 };
                 return Err(SourceError::Setup(format!(
                     "cannot create replication slot {}: {}{fix}",
@@ -499,17 +536,21 @@ impl Control {
             .map(|_| ())
     }
 
-    /// Position and retention of `slot`, if it exists.
+    /// Position and retention of `slot`, if it exists. On a hot standby (decoding
+    /// there needs PostgreSQL 16+) the server position is the replayed one:
+    /// `pg_current_wal_lsn()` fails during recovery (55000).
     pub async fn slot_stats(&self, slot: &str) -> Result<Option<SlotStats>, SourceError> {
         let row = self
             .client
             .query_opt(
-                "SELECT (pg_current_wal_lsn() - '0/0')::bigint, \
+                "WITH w AS (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                                        ELSE pg_current_wal_lsn() END AS lsn) \
+                 SELECT (w.lsn - '0/0')::bigint, \
                         (confirmed_flush_lsn - '0/0')::bigint, \
-                        (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint, \
-                        (pg_current_wal_lsn() - restart_lsn)::bigint, \
+                        (w.lsn - confirmed_flush_lsn)::bigint, \
+                        (w.lsn - restart_lsn)::bigint, \
                         wal_status, safe_wal_size \
-                 FROM pg_replication_slots WHERE slot_name = $1",
+                 FROM pg_replication_slots, w WHERE slot_name = $1",
                 &[&slot],
             )
             .await

@@ -5,6 +5,7 @@
 //!  gated replication session           control connection (tokio-postgres)
 //!  CREATE_REPLICATION_SLOT tmp          BEGIN REPEATABLE READ; SET TRANSACTION SNAPSHOT s
 //!    TEMPORARY ... (SNAPSHOT 'export')    read the outbox, publish, wait for every ack
+//!    (14: ... EXPORT_SNAPSHOT)
 //!    -> consistent point C, snapshot s  SELECT pg_copy_logical_replication_slot(tmp, slot)
 //!  (idle: the snapshot stays valid)       -> slot at C, permanent
 //!  close: tmp is dropped by the server
@@ -16,7 +17,8 @@
 //! `C`. The copy carries the temporary slot's `restart_lsn`, catalog xmin and
 //! `confirmed_flush_lsn` (`C`, untouched: nothing ever streams from the temporary
 //! slot), and PostgreSQL copies an active temporary slot of another session
-//! (verified against PostgreSQL 15).
+//! (verified against PostgreSQL 14 to 18 by the version matrix, and on a PG16+ hot
+//! standby).
 //!
 //! Why it is crash-safe: until the copy, the only slot is temporary and belongs to
 //! this session. If the process dies, the session ends, the server drops the
@@ -52,10 +54,28 @@ impl ExportedSlot {
         let mut client = ReplicationClient::connect_gated(rcfg)
             .await
             .map_err(&explain)?;
+        // The command's spelling depends on the server (see `source::version`).
+        let version = client
+            .simple_query("SHOW server_version_num")
+            .await
+            .map_err(SourceError::replication)?
+            .first()
+            .and_then(|row| row.first()?.as_ref())
+            .and_then(|v| std::str::from_utf8(v).ok()?.parse::<i32>().ok())
+            .ok_or_else(|| {
+                SourceError::Setup("the server did not report server_version_num".into())
+            })?;
+        // Refused before anything exists: the copy would otherwise become a permanent
+        // slot without the flag (ALTER_REPLICATION_SLOT is 17's).
+        if cfg.postgres.failover_slot
+            && super::version::major(version) < super::version::FAILOVER_SLOTS_SINCE
+        {
+            return Err(SourceError::Setup(format!(
+                "postgres.failover_slot = true needs PostgreSQL 17 or later (server is {version})"
+            )));
+        }
         let rows = client
-            .simple_query(&format!(
-                "CREATE_REPLICATION_SLOT {temp} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')"
-            ))
+            .simple_query(&super::version::create_exported_temp_slot(version, &temp))
             .await
             .map_err(SourceError::replication)?;
         // slot_name, consistent_point, snapshot_name, output_plugin

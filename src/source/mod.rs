@@ -28,6 +28,7 @@ pub mod pgoutput;
 pub mod privileges;
 pub mod state;
 pub mod tls;
+pub mod version;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -137,6 +138,12 @@ impl SourceError {
                     "logical decoding requires",
                     "set wal_level = logical and restart Postgres",
                 ),
+                ("cannot be used while in recovery", STANDBY_NEEDS_16),
+                (
+                    "unrecognized pgoutput option: messages",
+                    "outboxd needs PostgreSQL 14 or later: pgoutput carries logical decoding \
+                     messages (heartbeats, the table-less outbox) from 14 on",
+                ),
             ] {
                 if msg.contains(needle) {
                     return SourceError::Setup(format!("replication connection: {msg}: {fix}"));
@@ -146,6 +153,11 @@ impl SourceError {
         SourceError::Connection(e.to_string())
     }
 }
+
+/// The fix for "logical decoding cannot be used while in recovery".
+pub(crate) const STANDBY_NEEDS_16: &str =
+    "postgres.url points at a standby, and logical decoding on a standby needs PostgreSQL 16 or \
+     later: point it at the primary";
 
 /// SQLSTATE classes that mean "not now" rather than "not this way": connection
 /// exceptions (08), insufficient resources (53, e.g. too many connections), operator

@@ -16,6 +16,11 @@
 //! re-created, it records that (a resync is then due) and reports the problem, which
 //! makes the relay stop streaming and wait for an operator (`relay::setup`).
 //!
+//! On a hot standby (decoding there needs PostgreSQL 16+) no heartbeat can be
+//! written: they are skipped, and the slot moves with the primary's WAL as the
+//! standby replays it (the relay confirms the position keepalives report while
+//! nothing is pending).
+//!
 //! It never moves the slot itself and stops with the shutdown token. Failures are
 //! logged and retried on the next interval: monitoring must not stop relaying.
 
@@ -41,6 +46,7 @@ pub async fn run(cfg: Arc<Config>, telemetry: Arc<Telemetry>, shutdown: Cancella
     let mut last_heartbeat = tokio::time::Instant::now();
     let mut heartbeat_warned = false;
     let mut marks: VecDeque<XminMark> = VecDeque::new();
+    let mut standby_told = false;
     loop {
         if control.is_none() {
             control = Control::connect(&cfg).await.ok();
@@ -61,13 +67,22 @@ pub async fn run(cfg: Arc<Config>, telemetry: Arc<Telemetry>, shutdown: Cancella
         if let (Some(c), false, true) = (&control, heartbeat.is_zero(), streaming) {
             if last_heartbeat.elapsed() >= heartbeat {
                 last_heartbeat = tokio::time::Instant::now();
-                match c.emit_heartbeat(HEARTBEAT_PREFIX).await {
-                    Ok(()) => telemetry.metrics.heartbeats.inc(),
-                    Err(e) if !heartbeat_warned => {
-                        heartbeat_warned = true;
-                        tracing::warn!(error = %e, "cannot write heartbeats; an idle outbox will hold WAL back (GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO <role>)");
+                // A hot standby (PostgreSQL 16+ decodes there) cannot write any WAL;
+                // asked each time, since a promotion makes it a primary.
+                if c.in_recovery().await.unwrap_or(false) {
+                    if !standby_told {
+                        standby_told = true;
+                        tracing::info!("connected to a hot standby: no heartbeats are written here (they need a primary); the slot still advances, as outboxd confirms the replayed position the standby reports while nothing is pending");
                     }
-                    Err(_) => {}
+                } else {
+                    match c.emit_heartbeat(HEARTBEAT_PREFIX).await {
+                        Ok(()) => telemetry.metrics.heartbeats.inc(),
+                        Err(e) if !heartbeat_warned => {
+                            heartbeat_warned = true;
+                            tracing::warn!(error = %e, "cannot write heartbeats; an idle outbox will hold WAL back (GRANT EXECUTE on pg_logical_emit_message: `outboxd check` prints the statement)");
+                        }
+                        Err(_) => {}
+                    }
                 }
             }
         }
@@ -114,6 +129,10 @@ async fn watch_state(
     confirmed: Option<u64>,
     marks: &mut VecDeque<XminMark>,
 ) -> Result<(), super::SourceError> {
+    // A standby server keeps no record of its own (a row there is the primary's).
+    if c.in_recovery().await? {
+        return Ok(());
+    }
     let Some(record) = c.slot_record(cfg).await? else {
         return Ok(());
     };

@@ -15,12 +15,16 @@ pub struct Privileges {
     pub role: String,
     /// Superuser: may do everything (but should not be used).
     pub superuser: bool,
-    /// The REPLICATION attribute: replication connections, slots.
+    /// The REPLICATION attribute (or, on Amazon RDS and Aurora, membership in
+    /// `rds_replication`): replication connections, slots.
     pub replication: bool,
     /// SELECT on the outbox table (`outboxd replay`); `None` when it does not exist.
     pub select: Option<bool>,
-    /// EXECUTE on `pg_logical_emit_message(boolean, text, text)` (heartbeats).
+    /// EXECUTE on the text variant of `pg_logical_emit_message` (heartbeats).
     pub emit_message: bool,
+    /// That variant's signature on this server, e.g.
+    /// `pg_logical_emit_message(boolean,text,text,boolean)` (PostgreSQL 17+).
+    pub emit_message_fn: String,
     /// May create the publication: owns the table and has CREATE on the database;
     /// `None` when the table does not exist.
     pub can_publish: Option<bool>,
@@ -32,7 +36,8 @@ impl Privileges {
         (!self.replication && !self.superuser).then(|| {
             format!(
                 "role {r} lacks the REPLICATION attribute: as a superuser, run \
-                 ALTER ROLE {r} REPLICATION;",
+                 ALTER ROLE {r} REPLICATION; (on Amazon RDS and Aurora: \
+                 GRANT rds_replication TO {r};)",
                 r = self.role
             )
         })
@@ -55,8 +60,9 @@ impl Privileges {
         (!self.emit_message).then(|| {
             format!(
                 "role {r} lacks EXECUTE on pg_logical_emit_message (heartbeats): run \
-                 GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO {r};",
-                r = self.role
+                 GRANT EXECUTE ON FUNCTION {f} TO {r};",
+                r = self.role,
+                f = self.emit_message_fn
             )
         })
     }

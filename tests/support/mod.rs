@@ -5,6 +5,12 @@
 //! - [`Nats`]: `nats-server -js` with its own store directory; can be stopped and
 //!   started again on the same port for outage tests.
 //! - [`Relay`]: the `outboxd` binary as a child process with a generated config.
+//! - [`replica`]: a hot standby of a cluster, and a forwarder that plays a DNS switch.
+//!
+//! The versions under test come from the environment: `OUTBOXD_TEST_PG_BINDIR` (a
+//! directory with initdb, pg_ctl and postgres) and `OUTBOXD_TEST_NATS_SERVER` (a
+//! nats-server binary); unset, the Debian packages `make test` installs are used.
+//! `make test-matrix` sets them to the pinned builds of scripts/ensure-deps.sh.
 //!
 //! Nothing here fakes a service: every test talks to the real server processes.
 
@@ -12,6 +18,7 @@
 
 pub mod faults;
 pub mod kafka;
+pub mod replica;
 pub mod secure;
 
 use std::net::TcpListener;
@@ -37,7 +44,17 @@ fn is_root() -> bool {
     String::from_utf8_lossy(&out.stdout).trim() == "0"
 }
 
-/// Postgres's server binaries (initdb, pg_ctl, postgres).
+/// The nats-server binary: `OUTBOXD_TEST_NATS_SERVER` (the version matrix sets it),
+/// else the one on the PATH (Debian's, installed by `make test`).
+pub fn nats_server() -> PathBuf {
+    if let Some(path) = std::env::var_os("OUTBOXD_TEST_NATS_SERVER") {
+        return PathBuf::from(path);
+    }
+    which("nats-server").expect("nats-server not found: run `make test` (installs it)")
+}
+
+/// Postgres's server binaries (initdb, pg_ctl, postgres): `OUTBOXD_TEST_PG_BINDIR`
+/// (the version matrix sets it), else the newest under /usr/lib/postgresql.
 fn pg_bindir() -> PathBuf {
     if let Ok(dir) = std::env::var("OUTBOXD_TEST_PG_BINDIR") {
         return PathBuf::from(dir);
@@ -323,9 +340,7 @@ impl Nats {
     /// Starts the (stopped) server again on the same port and store.
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let bin =
-            which("nats-server").expect("nats-server not found: run `make test` (installs it)");
-        let child = Command::new(bin)
+        let child = Command::new(nats_server())
             .args([
                 "-js",
                 "-a",

@@ -141,7 +141,7 @@ impl SecureNats {
         };
         n.write_conf(auth);
         let mut n = n;
-        let bin = super::which("nats-server").expect("nats-server not found: run `make test`");
+        let bin = super::nats_server();
         let child = Command::new(bin)
             .arg("-c")
             .arg(n.conf())
