@@ -127,13 +127,26 @@ async fn setup_apply_then_check_passes() {
         "{sql}"
     );
     assert!(sql.contains("WITH (publish = 'insert')"), "{sql}");
-    // setup --apply creates table, publication and slot (twice: idempotent)
+    // setup --apply creates table and publication (twice: idempotent), and leaves the
+    // slot to `run`, whose initial snapshot (the default) publishes what the table holds
     for _ in 0..2 {
         let o = outboxd(&["setup", "--apply"], Some(&cfg), &[]);
         assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            stdout(&o).contains("left to `outboxd run`"),
+            "{}",
+            stdout(&o)
+        );
     }
     let o = outboxd(&["check"], Some(&cfg), &[]);
     assert!(o.status.success(), "{}", stdout(&o));
+    assert!(!stdout(&o).contains("FAIL"), "{}", stdout(&o));
+    assert_eq!(pg.confirmed_lsn("outboxd").await, None, "slot left to run");
+    // With the initial snapshot off, setup --apply creates the slot too
+    let no_snapshot = config(&pg, None, &[("postgres", "initial_snapshot", "false")]);
+    let o = outboxd(&["setup", "--apply"], Some(&no_snapshot), &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = outboxd(&["check"], Some(&no_snapshot), &[]);
     assert!(!stdout(&o).contains("FAIL"), "{}", stdout(&o));
     assert!(pg.confirmed_lsn("outboxd").await.is_some(), "slot created");
 }
@@ -222,7 +235,15 @@ async fn failover_slot_is_refused_before_postgres_17_and_created_from_17_on() {
     // this on 14 to 18: both sides)
     let pg = Postgres::start();
     let major = pg.major().await;
-    let cfg = config(&pg, None, &[("postgres", "failover_slot", "true")]);
+    // (initial_snapshot off: setup then creates the slot itself)
+    let cfg = config(
+        &pg,
+        None,
+        &[
+            ("postgres", "failover_slot", "true"),
+            ("postgres", "initial_snapshot", "false"),
+        ],
+    );
     // When setup creates the slot
     let o = outboxd(&["setup", "--apply"], Some(&cfg), &[]);
     if major < 17 {

@@ -336,3 +336,96 @@ async fn events_a_stock_nats_server_cannot_take_are_dead_lettered_not_retried() 
     let lost = support::faults::relay_log_lines(&relay.stderr(), "nats connection lost");
     assert!(lost.is_empty(), "{lost:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_values_cannot_change_a_kafka_record_s_topic_key_or_headers() {
+    use support::kafka::{kafka_config, read_topic, wait_records, Tansu};
+    // Given a relay to a Kafka-protocol broker (tansu), on an outbox with text ids
+    let pg = Postgres::start();
+    pg.client()
+        .await
+        .batch_execute(TEXT_ID_OUTBOX)
+        .await
+        .expect("ddl");
+    let kafka = Tansu::start();
+    kafka.create_topic("outbox.event.Order", 1).await;
+    kafka.create_topic("outbox.event.Ord__er_", 1).await;
+    let _relay = Relay::spawn(&kafka_config(&pg, &kafka.brokers(), &[]));
+    pg.wait_streaming("outboxd").await;
+
+    // When rows carry CR, LF, other control characters and a NUL in every value that
+    // reaches the topic, the key or a header
+    let db = pg.client().await;
+    let hostile: [(&str, &str, &str, &str, Option<&str>); 4] = [
+        (
+            "order-1002-paid\r\nce_id: x",
+            "Order",
+            "o-1",
+            "OrderPaid",
+            None,
+        ),
+        (
+            "e-2",
+            "Ord\r\ner\u{1}",
+            "o-2\r\nce_type: y",
+            "Created\r\n",
+            None,
+        ),
+        (
+            "e-3",
+            "Order",
+            "o-3",
+            "Created",
+            Some(r#"{"traceparent": "x\r\nX-D: e", "tenant": "t\u0001\u0000"}"#),
+        ),
+        ("order-1002-paid", "Order", "o-1", "OrderPaid", None),
+    ];
+    for (id, agg_type, agg_id, ty, headers) in hostile {
+        db.execute(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers) \
+             VALUES ($1, $2, $3, $4, '{\"n\": 1}', $5::text::json)",
+            &[&id, &agg_type, &agg_id, &ty, &headers],
+        )
+        .await
+        .expect("insert");
+    }
+
+    // Then every row is its own record, its values byte for byte in the key and the
+    // headers, and an aggregate type cannot leave its sanitised topic
+    let brokers = kafka.brokers();
+    wait_records(&brokers, "outbox.event.Order", 3, Duration::from_secs(60)).await;
+    wait_records(
+        &brokers,
+        "outbox.event.Ord__er_",
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    let mut records = read_topic(&brokers, "outbox.event.Order").await;
+    records.extend(read_topic(&brokers, "outbox.event.Ord__er_").await);
+    assert_eq!(records.len(), 4, "{records:#?}");
+    for (id, _, agg_id, ty, _) in hostile {
+        let found: Vec<_> = records
+            .iter()
+            .filter(|r| r.header("ce_id") == Some(id))
+            .collect();
+        assert_eq!(found.len(), 1, "id {id:?}: {records:#?}");
+        assert_eq!(found[0].key.as_deref(), Some(agg_id));
+        assert_eq!(found[0].header("ce_subject"), Some(agg_id));
+        assert_eq!(found[0].header("ce_type"), Some(ty));
+    }
+    for r in &records {
+        let foreign: Vec<&String> = r
+            .headers
+            .keys()
+            .filter(|n| !(n.starts_with("ce_") || *n == "content-type"))
+            .collect();
+        assert!(foreign.is_empty(), "{foreign:?} in {r:#?}");
+    }
+    let e3 = records
+        .iter()
+        .find(|r| r.header("ce_id") == Some("e-3"))
+        .expect("e-3");
+    assert_eq!(e3.header("ce_traceparent"), Some("x\r\nX-D: e"));
+    assert_eq!(e3.header("ce_tenant"), Some("t\u{1}\u{0}"));
+}

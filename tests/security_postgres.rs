@@ -578,8 +578,30 @@ async fn a_role_without_select_is_told_the_grant() {
     fails_with(&["check"], &cfg, &["FAIL table privilege", grant]);
     // When `replay` (which reads the table) runs, then it refuses with the GRANT
     fails_with(&["replay", "--dry-run"], &cfg, &[grant]);
-    // When the relay runs: streaming needs no SELECT (the walsender decodes the WAL
-    // for a REPLICATION role), so it streams, and warns with the GRANT
+    // When the relay's first start would take the initial snapshot (the default),
+    // which reads the table, then it refuses with the GRANT and the opt-out
+    let mut relay = Relay::spawn(&cfg);
+    relay
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .expect("exits without SELECT for the initial snapshot");
+    let said = relay.stderr();
+    assert!(
+        said.contains(grant) && said.contains("initial_snapshot"),
+        "{said}"
+    );
+    // When the relay runs without the snapshot: streaming needs no SELECT (the
+    // walsender decodes the WAL for a REPLICATION role), so it streams, and warns
+    // with the GRANT
+    let cfg = relay_config(
+        &pg,
+        None,
+        "nosel",
+        "localhost",
+        &query,
+        &pw,
+        &[("postgres", "initial_snapshot", "false")],
+    );
     let relay = Relay::spawn(&cfg);
     relays_a_row(&pg, &relay).await;
     assert!(relay.stderr().contains(grant), "{}", relay.stderr());

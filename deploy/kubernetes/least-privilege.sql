@@ -34,6 +34,21 @@ ELSE
   GRANT EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message(boolean, text, text) TO outboxd;
 END IF; END $grant$;
 
+-- Where outboxd records its slot (position, the table and publication it streams),
+-- so that a slot lost while outboxd is stopped is never replaced silently
+-- (README, "Failure behaviour"). outboxd writes one row per slot.
+CREATE TABLE IF NOT EXISTS public.outboxd_slots (
+  slot_name text PRIMARY KEY,
+  publication text NOT NULL,
+  publication_oid oid NOT NULL,
+  table_oid oid NOT NULL,
+  confirmed_lsn pg_lsn NOT NULL,
+  confirmed_at timestamptz NOT NULL,
+  replay_from_xid xid8,
+  resync text
+);
+GRANT SELECT, INSERT, UPDATE ON public.outboxd_slots TO outboxd;
+
 -- 3. The publication is created by the table owner (run this part as the
 --    owner, e.g. SET ROLE orders_owner;), so outboxd needs no ownership.
 --    Inserts only: outbox rows are immutable events; deleting old rows

@@ -72,9 +72,17 @@ pub(super) async fn slot(
         if let Some(s) = &slot {
             check_plugin(cfg, s)?;
         }
-        Ok::<_, SourceError>((control, writable, record, identity, slot))
+        // The initial snapshot and every recovery read the table.
+        let may_read = privileges.missing_select(&p.table);
+        Ok::<_, SourceError>((control, writable, record, identity, slot, may_read))
     };
-    let (mut control, writable, record, identity, slot) = bounded(found).await?;
+    let (mut control, writable, record, identity, slot, missing_select) = bounded(found).await?;
+    let reads_table = |what: &str| match &missing_select {
+        Some(fix) => Err(SourceError::Setup(format!(
+            "{what} reads the outbox table: {fix}"
+        ))),
+        None => Ok(()),
+    };
     let lost = slot
         .as_ref()
         .is_some_and(|s| s.wal_status.as_deref() == Some("lost"));
@@ -110,6 +118,12 @@ pub(super) async fn slot(
             } else {
                 None
             };
+            if p.initial_snapshot {
+                reads_table(
+                    "the initial snapshot (postgres.initial_snapshot, or set it false to relay \
+                     only rows committed from now on)",
+                )?;
+            }
             let created = if p.initial_snapshot {
                 // Not bounded: it publishes the whole table (and ticks the watchdog).
                 let all = Selection::default();
@@ -141,6 +155,7 @@ pub(super) async fn slot(
                 .into());
             }
             require_published(ctx, &identity)?;
+            reads_table("recovering the gap (--allow-new-slot)")?;
             let selection = gap(record.as_ref(), &identity);
             if slot.is_some() {
                 tracing::warn!(slot = %p.slot, "dropping the old slot (allow_new_slot)");
@@ -169,6 +184,7 @@ pub(super) async fn slot(
             if !p.resync_table || !identity.published {
                 return Err(SourceError::Blocked(state::table_message(cfg, &why)).into());
             }
+            reads_table("the resync (--resync-table)")?;
             let what = "resync of the outbox table";
             if !snapshot::resync(ctx, &mut control, shutdown, what).await? {
                 return Ok(None);
