@@ -299,8 +299,15 @@ async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
     if tokio::time::timeout(HTTP_STOP_TIMEOUT, http).await.is_err() {
         tracing::warn!("http connections still open at exit; closed without waiting");
     }
-    result.context("relay failed")?;
-    tracing::info!("outboxd stopped cleanly");
+    let stopped = result.context("relay failed")?;
+    if stopped.unacknowledged == 0 {
+        tracing::info!("outboxd stopped cleanly");
+    } else {
+        tracing::warn!(
+            unacknowledged = stopped.unacknowledged,
+            "outboxd stopped; events the broker had not acknowledged are sent again after a restart"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -162,6 +162,14 @@ async fn sigterm_while_hung(
         "exit took {took:?}, expected {TIMEOUT:?} + at most {SHUTDOWN_MARGIN:?}:\n{}",
         relay.stderr()
     );
+    // and the log tells the truth: events were left unacknowledged, not "cleanly"
+    let log = relay.stderr();
+    let left = relay_log_lines(&log, "not all acknowledged before the shutdown deadline");
+    assert!(
+        left.len() == 1 && !left[0].contains("unacknowledged=0"),
+        "{log}"
+    );
+    assert!(!log.contains("stopped cleanly"), "{log}");
     ids
 }
 

@@ -87,16 +87,26 @@ struct Ctx<'a> {
     /// That the slot's record cannot be kept (a standby server, missing privileges)
     /// was logged.
     state_told: std::cell::Cell<bool>,
+    /// Events the last drain could not get acknowledged.
+    unacknowledged: std::cell::Cell<usize>,
 }
 
 type InFlight = FuturesUnordered<BoxFuture<'static, (Item, Result<Delivered, SinkError>)>>;
+
+/// How a requested shutdown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stopped {
+    /// Events read but not acknowledged by the deadline: unconfirmed, so they are sent
+    /// again after a restart.
+    pub unacknowledged: usize,
+}
 
 /// Runs until `shutdown` is cancelled (returns `Ok`) or a fatal error.
 pub async fn run(
     cfg: Arc<Config>,
     telemetry: Arc<Telemetry>,
     shutdown: CancellationToken,
-) -> Result<(), RelayError> {
+) -> Result<Stopped, RelayError> {
     let monitor = tokio::spawn(crate::source::monitor::run(
         cfg.clone(),
         telemetry.clone(),
@@ -122,11 +132,11 @@ async fn run_sessions(
     cfg: &Config,
     t: &Telemetry,
     shutdown: &CancellationToken,
-) -> Result<(), RelayError> {
+) -> Result<Stopped, RelayError> {
     let connect = || Sink::connect(cfg, Some(&t.metrics));
     let Some(sink) = retrying(cfg, t, shutdown, "connect to the broker", "broker", connect).await?
     else {
-        return Ok(());
+        return Ok(Stopped::default());
     };
     let sink = Arc::new(sink);
     let publish_duration = t.metrics.publish_duration.with_label_values(&[sink.name()]);
@@ -139,11 +149,12 @@ async fn run_sessions(
         session_streamed: std::cell::Cell::new(false),
         privileges_told: std::cell::Cell::new(false),
         state_told: std::cell::Cell::new(false),
+        unacknowledged: std::cell::Cell::new(0),
     };
     let mut attempt = 0u32;
     loop {
         if shutdown.is_cancelled() {
-            return Ok(());
+            return Ok(stopped(&ctx));
         }
         ctx.session_streamed.set(false);
         let result = session(&ctx, shutdown).await;
@@ -162,7 +173,7 @@ async fn run_sessions(
             t.health.set_role(Role::Connecting);
         }
         match result {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(stopped(&ctx)),
             Err(RelayError::Source(SourceError::Blocked(problem))) => {
                 // Only an operator can accept what happened: stay alive and not ready,
                 // say it once (and again when it changes), and look again now and then.
@@ -176,7 +187,7 @@ async fn run_sessions(
                 t.metrics.blocked.set(1);
                 attempt = 0;
                 if pause(setup::BLOCKED_RECHECK, t, shutdown).await {
-                    return Ok(());
+                    return Ok(stopped(&ctx));
                 }
             }
             Err(RelayError::Source(SourceError::SlotBusy(msg))) => {
@@ -191,7 +202,7 @@ async fn run_sessions(
                 attempt = 0;
                 let wait = backoff::jittered(Duration::from_millis(cfg.postgres.standby_poll_ms));
                 if pause(wait, t, shutdown).await {
-                    return Ok(());
+                    return Ok(stopped(&ctx));
                 }
             }
             Err(RelayError::Source(e)) if e.is_retryable() => {
@@ -201,7 +212,7 @@ async fn run_sessions(
                 t.health.set_error(Some(e.to_string()));
                 tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "postgres unavailable; reconnecting");
                 if pause(wait, t, shutdown).await {
-                    return Ok(());
+                    return Ok(stopped(&ctx));
                 }
             }
             Err(e) => {
@@ -209,6 +220,13 @@ async fn run_sessions(
                 return Err(e);
             }
         }
+    }
+}
+
+/// How the shutdown ended, from what the last drain saw.
+fn stopped(ctx: &Ctx<'_>) -> Stopped {
+    Stopped {
+        unacknowledged: ctx.unacknowledged.get(),
     }
 }
 
@@ -703,6 +721,7 @@ async fn drain(
     deadline: tokio::time::Instant,
 ) {
     let pending = in_flight.len() + gate.parked();
+    let mut acked = 0usize;
     while !in_flight.is_empty() {
         let next = tokio::time::timeout_at(deadline, in_flight.next()).await;
         let Ok(Some((item, result))) = next else {
@@ -710,6 +729,7 @@ async fn drain(
         };
         match &result {
             Ok(delivered) => {
+                acked += 1;
                 acknowledged(ctx.t, ctx.sink.name(), &item, delivered);
                 if let Some(lsn) = progress.ack(item.txn) {
                     confirm_txns(stream, ctx.t, progress, lsn);
@@ -727,11 +747,20 @@ async fn drain(
             Err(_) => while gate.release(&item.env.aggregate_id).is_some() {},
         }
     }
-    tracing::info!(
-        waited_for = pending,
-        unacknowledged = in_flight.len(),
-        "in-flight events drained"
-    );
+    // Whatever was not acknowledged (failed, still in flight at the deadline, or
+    // waiting behind one of those) stays unconfirmed and is sent again after a restart.
+    let unacknowledged = pending.saturating_sub(acked);
+    ctx.unacknowledged.set(unacknowledged);
+    if unacknowledged == 0 {
+        tracing::info!(waited_for = pending, "in-flight events drained");
+    } else {
+        tracing::warn!(
+            waited_for = pending,
+            acknowledged = acked,
+            unacknowledged,
+            "in-flight events not all acknowledged before the shutdown deadline; the slot was not confirmed past them, so they are sent again after a restart"
+        );
+    }
 }
 
 fn deliver(
