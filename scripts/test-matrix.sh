@@ -21,7 +21,8 @@ MATRIX_NATS=${MATRIX_NATS-2.10.26 2.15.1}
 CARGO=${CARGO:-cargo}
 
 # Per PostgreSQL version: the relay end to end with SIGKILLs (nothing lost, order per
-# aggregate), the table-less outbox, a schema change, slot loss, standby takeover of
+# aggregate), the table-less outbox, a schema change, slot loss, a re-created or
+# unpublished outbox table, standby takeover of
 # outboxd replicas, the initial snapshot (also SIGKILLed mid-way), setup's SQL as a least-privilege role and
 # check, failover slots (both sides), decoding on a hot standby (both sides).
 PG_TESTS=(
@@ -30,6 +31,7 @@ PG_TESTS=(
   failures_edges::schema_change_add_column_carries_on
   failures_edges::dropping_a_mapped_column_stops_with_its_name
   slot_loss::
+  table_changes::
   standby::one_streams_standbys_take_over_on_sigkill_and_sigterm
   snapshot::snapshot_and_stream_deliver_every_row_exactly_once_in_order
   snapshot::a_kill_during_the_snapshot_redoes_it_and_loses_nothing

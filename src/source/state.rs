@@ -411,7 +411,7 @@ impl Control {
                 &format!(
                     "INSERT INTO {} AS t (slot_name, publication, publication_oid, table_oid, \
                          confirmed_lsn, confirmed_at, replay_from_xid) \
-                     VALUES ($1, $2, $3, $4, ('0/0'::pg_lsn + $5::bigint), now(), $6::bigint::text::xid8) \
+                     VALUES ($1, $2, $3, $4, $5::text::pg_lsn, now(), $6::bigint::text::xid8) \
                      ON CONFLICT (slot_name) DO UPDATE SET {on_conflict}",
                     state_table(cfg)
                 ),
@@ -420,7 +420,7 @@ impl Control {
                     &cfg.postgres.publication,
                     &publication_oid,
                     &table_oid,
-                    &(confirmed_lsn as i64),
+                    &lsn_text(confirmed_lsn),
                     &xid,
                 ],
             )
@@ -440,14 +440,14 @@ impl Control {
         self.client
             .execute(
                 &format!(
-                    "UPDATE {} SET confirmed_lsn = '0/0'::pg_lsn + $2::bigint, confirmed_at = now(), \
+                    "UPDATE {} SET confirmed_lsn = $2::text::pg_lsn, confirmed_at = now(), \
                          replay_from_xid = COALESCE($3::bigint::text::xid8, replay_from_xid) \
                      WHERE slot_name = $1",
                     state_table(cfg)
                 ),
                 &[
                     &cfg.postgres.slot,
-                    &(confirmed_lsn as i64),
+                    &lsn_text(confirmed_lsn),
                     &replay_from_xid.map(|x| x as i64),
                 ],
             )
