@@ -119,7 +119,8 @@ else
   printf "\nnote: no docker compose plugin here; compose is checked by its schema and compose_check.py\n"
 fi
 check "JSON files" json_files
-check "helm lint + render (ci/*.yaml, parent chart)" python "$HERE/helm_render.py" helm/outboxd "$HERE/parent-chart" "$WORK/rendered"
+check "helm lint + render (ci/*.yaml, refused values, config round trip, parent chart)" \
+  python "$HERE/helm_render.py" helm/outboxd "$HERE/parent-chart" "$WORK/rendered" config/outboxd.toml
 check "kubernetes manifests (k8s $K8S_VERSIONS, CRDs, PSS restricted)" kubernetes
 check "prometheus rules (promtool check + test, copies in sync)" bash scripts/check-prometheus.sh
 check "grafana dashboard + metric names (vs src/metrics.rs)" dashboard_and_metric_names
