@@ -2,7 +2,7 @@
 #   make demo   build, start a throw-away Postgres (+ nats-server), relay sample events
 #   make test   install what is missing, then the whole test suite
 #   make test-matrix   the version-dependent tests on PostgreSQL 14/16/17/18 and
-#                      nats-server 2.10/2.15 (README, "Supported versions")
+#                      nats-server 2.10/2.15 (docs/versions.md)
 .PHONY: test test-matrix demo deps lint lint-deploy build build-release
 
 CARGO ?= cargo

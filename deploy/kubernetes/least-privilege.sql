@@ -10,7 +10,7 @@
 -- replication connection is a normal "host <db> outboxd" line, not "replication"),
 -- best over TLS with SCRAM only:  hostssl <db> outboxd <net> scram-sha-256
 -- (password_encryption = scram-sha-256 before the role gets its password), and
--- outboxd with [postgres.tls] mode = "verify-full" (README, "Security: PostgreSQL").
+-- outboxd with [postgres.tls] mode = "verify-full" (docs/security.md).
 
 \set ON_ERROR_STOP on
 
@@ -36,7 +36,7 @@ END IF; END $grant$;
 
 -- Where outboxd records its slot (position, the table and publication it streams),
 -- so that a slot lost while outboxd is stopped is never replaced silently
--- (README, "Failure behaviour"). outboxd writes one row per slot.
+-- (docs/failures.md). outboxd writes one row per slot.
 CREATE TABLE IF NOT EXISTS public.outboxd_slots (
   slot_name text PRIMARY KEY,
   publication text NOT NULL,

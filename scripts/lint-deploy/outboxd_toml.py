@@ -1,34 +1,46 @@
 """Checks an outboxd.toml against the daemon's config contract.
 
 Used for the compose configs and for every ConfigMap that carries an
-outboxd.toml (deploy/kubernetes and the rendered chart). It knows the sections
-and keys outboxd accepts; it does not know defaults or semantics beyond the
-few rules below, which catch the mistakes a deployment file can make.
+outboxd.toml (deploy/kubernetes and the rendered chart). The keys it accepts are
+read from the Rust config structs (rust_config.py; src/ is the one source, with
+deny_unknown_fields there, and tests load the shipped configs with the real
+parser as well); beyond that it knows only the few rules below, which catch the
+mistakes a deployment file can make.
 """
 
+import re
 import tomllib
 
-COLUMNS = {"id", "aggregate_type", "aggregate_id", "event_type", "payload",
-           "correlation_id", "causation_id", "headers", "created_at", "content_type"}
-# Mirrors the structs of src/config.rs (deny_unknown_fields there); tests/cli.rs loads
-# the shipped config files with the real parser as well.
-SECTIONS = {
-    "postgres": {"url", "url_file", "password_file", "slot", "publication", "table",
-                 "create_publication", "create_slot", "status_interval_ms",
-                 "heartbeat_interval_secs", "monitor_interval_secs", "message_prefix",
-                 "allow_new_slot", "failover_slot", "standby_poll_ms", "initial_snapshot",
-                 "columns"},
-    "cloudevents": {"source", "type_prefix", "default_content_type"},
-    "sink": {"kind", "max_in_flight", "on_invalid", "on_rejected", "shutdown_timeout_secs"},
-    "nats": {"url", "url_file", "subject", "stream", "stream_subjects", "create_stream",
-             "dead_letter_subject", "content_mode", "ack_timeout_ms"},
-    "kafka": {"brokers", "topic", "key", "dead_letter_topic", "content_mode",
-              "message_timeout_ms", "properties", "properties_files"},
-    "retry": {"initial_backoff_ms", "max_backoff_ms"},
-    "retention": {"enabled", "older_than_secs", "batch_size", "interval_secs"},
-    "http": {"listen", "header_read_timeout_ms", "max_connection_age_secs", "max_connections"},
-    "log": {"format", "level"},
-}
+import rust_config
+
+# Secret values: never in a ConfigMap (the *_file keys are the way there).
+SECRET_KEYS = {"postgres.url", "nats.password", "nats.token", "nats.nkey_seed",
+               "http.bearer_token", "http.basic_auth_password"}
+SECRET_PROPERTY = re.compile(r"password|secret|^ssl\.key\.pem$|^sasl\.oauthbearer\.config$")
+_KEYS = None
+
+
+def known_keys():
+    global _KEYS
+    if _KEYS is None:
+        _KEYS = rust_config.keys("src")
+    return _KEYS
+
+
+def unknown_keys(cfg, tree, prefix=""):
+    problems = []
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if key not in tree:
+            problems.append(f"unknown {'section' if not prefix else 'key'} {name}")
+        elif isinstance(tree[key], dict):
+            if not isinstance(value, dict):
+                problems.append(f"{name} must be a table")
+            else:
+                problems += unknown_keys(value, tree[key], name + ".")
+        elif tree[key] is None and isinstance(value, dict):
+            problems.append(f"{name} is a value, not a table")
+    return problems
 
 
 def check(text, in_configmap=False):
@@ -37,16 +49,7 @@ def check(text, in_configmap=False):
         cfg = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         return [f"not valid TOML: {e}"]
-    problems = []
-    for section, body in cfg.items():
-        if section not in SECTIONS:
-            problems.append(f"unknown section [{section}]")
-            continue
-        for key in body:
-            if key not in SECTIONS[section]:
-                problems.append(f"unknown key {section}.{key}")
-    columns = cfg.get("postgres", {}).get("columns", {})
-    problems += [f"unknown column mapping postgres.columns.{c}" for c in columns if c not in COLUMNS]
+    problems = unknown_keys(cfg, known_keys())
     props = cfg.get("kafka", {}).get("properties", {})
     problems += [f"kafka.properties.{k} must be a string" for k, v in props.items() if not isinstance(v, str)]
 
@@ -59,6 +62,13 @@ def check(text, in_configmap=False):
         problems.append("log.format must be json or text")
     if not cfg.get("cloudevents", {}).get("source"):
         problems.append("cloudevents.source is empty")
-    if in_configmap and "url" in cfg.get("postgres", {}):
-        problems.append("postgres.url holds credentials: use url_file with a Secret, not a ConfigMap")
+    if in_configmap:
+        for dotted in sorted(SECRET_KEYS):
+            section, key = dotted.split(".")
+            if key in cfg.get(section, {}):
+                problems.append(f"{dotted} is a secret: use {dotted}_file with a Secret, not a ConfigMap")
+        problems += [f"kafka.properties.{k} is a secret: use kafka.properties_files with a Secret"
+                     for k in props if SECRET_PROPERTY.search(k)]
+        if re.search(r"://[^/,]*@", str(cfg.get("nats", {}).get("url", ""))):
+            problems.append("nats.url carries credentials: use url_file with a Secret, not a ConfigMap")
     return problems

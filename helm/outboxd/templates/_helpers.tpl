@@ -52,58 +52,121 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{/*
-outboxd.toml. Strings go through toJson: a JSON string is a valid TOML basic
-string, so quotes and backslashes in values cannot break the file.
+outboxd.toml, rendered from `config` with `extraConfig` merged over it (maps merge
+key by key, anything else is replaced, false and "" included), plus what the chart
+owns: http.listen from httpPort, cloudevents.source's default, and only the section
+of the chosen broker. Keys come out as outboxd spells them; values go through
+toJson: a JSON string, number, boolean or array is a valid TOML value, so quotes,
+backslashes and newlines in values cannot break the file. Kafka property values
+are strings for librdkafka, whatever YAML made of them (5, true).
 */}}
 {{- define "outboxd.config" -}}
 {{- $v := .Values.outboxd | default .Values -}}
-{{- $c := $v.config -}}
-[postgres]
-slot = {{ $c.postgres.slot | toJson }}
-publication = {{ $c.postgres.publication | toJson }}
-table = {{ $c.postgres.table | toJson }}
-{{- with $c.postgres.columns }}
+{{- $c := deepCopy $v.config -}}
+{{- include "outboxd.deepMerge" (dict "dst" $c "src" (deepCopy ($v.extraConfig | default dict))) -}}
+{{- include "outboxd.refuseInConfigMap" $c -}}
+{{- $ce := get $c "cloudevents" | default dict -}}
+{{- if not $ce.source -}}
+{{- $_ := set $ce "source" (printf "/%s/%s" .Release.Namespace .Release.Name) -}}
+{{- end -}}
+{{- $_ := set $c "cloudevents" $ce -}}
+{{- $http := get $c "http" | default dict -}}
+{{- $_ := set $http "listen" (printf "0.0.0.0:%v" $v.httpPort) -}}
+{{- $_ := set $c "http" $http -}}
+{{- $kind := $c.sink.kind -}}
+{{- if ne $kind "nats" }}{{ $_ := unset $c "nats" }}{{ end -}}
+{{- if ne $kind "kafka" }}{{ $_ := unset $c "kafka" }}{{ end -}}
+{{- if and (eq $kind "nats") $v.secret.natsUrlKey (hasKey (get $c "nats" | default dict) "url") -}}
+{{- $_ := unset $c.nats "url" -}}
+{{- end -}}
+{{- $order := list "postgres" "cloudevents" "sink" "nats" "kafka" "retry" "retention" "http" "log" -}}
+{{- $first := true -}}
+{{- range $section := concat $order (keys $c | sortAlpha) | uniq -}}
+{{- if hasKey $c $section -}}
+{{- if not $first }}{{ "\n\n" }}{{ end -}}
+{{- $first = false -}}
+{{- include "outboxd.tomlTable" (dict "path" (list $section) "table" (get $c $section)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 
-[postgres.columns]
-{{- range $k, $col := . }}
-{{ $k }} = {{ $col | toJson }}
-{{- end }}
-{{- end }}
+{{/* Merges map .src into map .dst in place: nested maps key by key, other values replace. */}}
+{{- define "outboxd.deepMerge" -}}
+{{- $dst := .dst -}}
+{{- range $k, $s := .src -}}
+{{- $d := get $dst $k -}}
+{{- if and (kindIs "map" $s) (kindIs "map" $d) -}}
+{{- include "outboxd.deepMerge" (dict "dst" $d "src" $s) -}}
+{{- else -}}
+{{- $_ := set $dst $k $s -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 
-[cloudevents]
-source = {{ $c.cloudevents.source | default (printf "/%s/%s" .Release.Namespace .Release.Name) | toJson }}
-type_prefix = {{ $c.cloudevents.typePrefix | toJson }}
+{{/*
+Refuses what must not reach a ConfigMap, also through extraConfig (values.schema.json
+refuses it in `config`): secret values, credentials in nats.url, and the keys the
+chart sets itself.
+*/}}
+{{- define "outboxd.refuseInConfigMap" -}}
+{{- $c := . -}}
+{{- $secretKeys := dict "postgres" (list "url") "nats" (list "password" "token" "nkey_seed") "http" (list "bearer_token" "basic_auth_password") -}}
+{{- range $section, $names := $secretKeys -}}
+{{- range $name := $names -}}
+{{- if hasKey (get $c $section | default dict) $name -}}
+{{- fail (printf "%s.%s is a secret and would land in the ConfigMap: put it in a Secret, mount it with secret.extraSecrets and set %s.%s_file" $section $name $section $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $owned := dict "postgres" (dict "url_file" "secret.postgresUrlKey") "nats" (dict "url_file" "secret.natsUrlKey") "http" (dict "listen" "httpPort") -}}
+{{- range $section, $names := $owned -}}
+{{- range $name, $instead := $names -}}
+{{- if hasKey (get $c $section | default dict) $name -}}
+{{- fail (printf "%s.%s is set by the chart: use %s" $section $name $instead) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $nats := get $c "nats" | default dict -}}
+{{- if regexMatch "://[^/,]*@" (toString ($nats.url | default "")) -}}
+{{- fail "nats.url carries credentials and would land in the ConfigMap: put the URL in the Secret (secret.natsUrlKey), or use nats.password_file, nats.token_file or nats.creds_file" -}}
+{{- end -}}
+{{- $kafka := get $c "kafka" | default dict -}}
+{{- range $name, $_ := get $kafka "properties" | default dict -}}
+{{- if regexMatch "password|secret|^ssl\\.key\\.pem$|^sasl\\.oauthbearer\\.config$" $name -}}
+{{- fail (printf "kafka.properties.%s is a secret and would land in the ConfigMap: mount it with secret.extraSecrets and name the file in kafka.properties_files" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 
-[sink]
-kind = {{ $c.sink.kind | toJson }}
-{{- if eq $c.sink.kind "nats" }}
+{{/* A TOML key: bare when it may be, else a quoted string ("security.protocol"). */}}
+{{- define "outboxd.tomlKey" -}}
+{{- if regexMatch "^[A-Za-z0-9_-]+$" . }}{{ . }}{{ else }}{{ . | toJson }}{{ end -}}
+{{- end -}}
 
-[nats]
-{{- if not $v.secret.natsUrlKey }}
-url = {{ $c.nats.url | toJson }}
-{{- end }}
-subject = {{ $c.nats.subject | toJson }}
-stream = {{ $c.nats.stream | toJson }}
-create_stream = {{ $c.nats.createStream }}
-{{- end }}
-{{- if eq $c.sink.kind "kafka" }}
+{{/*
+One TOML table and its sub-tables: .path is the list of keys leading to it, .table
+the map. Plain values first (TOML puts them before any sub-table), then each map
+value as [path.key]. A null value or an empty map is left out, so the binary's
+default applies.
+*/}}
+{{- define "outboxd.tomlTable" -}}
+{{- $path := .path -}}
+{{- $t := .table -}}
+{{- $quoted := list -}}
+{{- range $path }}{{ $quoted = append $quoted (include "outboxd.tomlKey" .) }}{{ end -}}
+[{{ join "." $quoted }}]
+{{- $strings := eq (join "." $path) "kafka.properties" -}}
+{{- $subtables := list -}}
+{{- range $k := keys $t | sortAlpha -}}
+{{- $val := get $t $k -}}
+{{- if kindIs "map" $val -}}
+{{- if $val }}{{ $subtables = append $subtables $k }}{{ end -}}
+{{- else if not (kindIs "invalid" $val) }}
+{{ include "outboxd.tomlKey" $k }} = {{ if $strings }}{{ $val | toString | toJson }}{{ else }}{{ $val | toJson }}{{ end }}
+{{- end -}}
+{{- end -}}
+{{- range $k := $subtables }}
 
-[kafka]
-brokers = {{ $c.kafka.brokers | toJson }}
-topic = {{ $c.kafka.topic | toJson }}
-{{- with $c.kafka.properties }}
-
-[kafka.properties]
-{{- range $k, $p := . }}
-{{ $k | toJson }} = {{ $p | toString | toJson }}
-{{- end }}
-{{- end }}
-{{- end }}
-
-[http]
-listen = {{ printf "0.0.0.0:%v" $v.httpPort | toJson }}
-
-[log]
-format = {{ $c.log.format | toJson }}
-level = {{ $c.log.level | toJson }}
+{{ include "outboxd.tomlTable" (dict "path" (append $path $k) "table" (get $t $k)) }}
+{{- end -}}
 {{- end -}}

@@ -36,6 +36,10 @@ events written by the app during shutdown are still relayed.
     {{- with $v.extraEnv }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
+  {{- with $v.extraEnvFrom }}
+  envFrom:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   ports:
     - name: outboxd-metrics
       containerPort: {{ $v.httpPort }}
@@ -63,14 +67,35 @@ events written by the app during shutdown are still relayed.
     - name: outboxd-secret
       mountPath: /var/run/secrets/outboxd
       readOnly: true
+    {{- with $v.extraVolumeMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 {{- end -}}
 
 {{- define "outboxd.volumes" -}}
+{{- $v := .Values.outboxd | default .Values -}}
 - name: outboxd-config
   configMap:
     name: {{ include "outboxd.configMapName" . }}
+{{- /*
+One directory, /var/run/secrets/outboxd, for every secret file: the Secret with the
+URLs and each of secret.extraSecrets (certificates, a .creds file, passwords).
+*/}}
 - name: outboxd-secret
-  secret:
-    secretName: {{ include "outboxd.secretName" . }}
+  projected:
     defaultMode: 0444
+    sources:
+      - secret:
+          name: {{ include "outboxd.secretName" . }}
+      {{- range $v.secret.extraSecrets }}
+      - secret:
+          name: {{ .name }}
+          {{- with .items }}
+          items:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+      {{- end }}
+{{- with $v.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end -}}

@@ -1,0 +1,3 @@
+module example.com/outboxd-consumer
+
+go 1.19
