@@ -281,6 +281,26 @@ async fn record_check(control: &Control, cfg: &Config) -> Check {
         Ok(found) => found,
         Err(e) => return check(name, false, e.to_string()),
     };
+    match control.state_access(cfg).await {
+        Ok(state::StateAccess::NotPermitted(fix)) => {
+            return warning(
+                name,
+                format!(
+                    "outboxd relays, but cannot record its slot, so a slot lost while it is \
+                     stopped would go unnoticed: {fix}"
+                ),
+            )
+        }
+        Ok(state::StateAccess::InRecovery) => {
+            return warning(
+                name,
+                "the server is a standby: outboxd cannot record its slot here, so a slot lost \
+                 while it is stopped goes unnoticed",
+            )
+        }
+        Ok(state::StateAccess::Writable) => {}
+        Err(e) => return check(name, false, e.to_string()),
+    }
     let lost = slot
         .as_ref()
         .is_some_and(|s| s.wal_status.as_deref() == Some("lost"));

@@ -27,6 +27,7 @@ mod secrets;
 mod security_nats;
 mod security_postgres;
 mod slot_loss;
+mod slot_record;
 mod snapshot;
 mod standby;
 mod table_changes;

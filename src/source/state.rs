@@ -70,6 +70,16 @@ pub enum StateAccess {
     NotPermitted(String),
 }
 
+/// What the table owner runs so that the relay role can keep the record.
+fn state_fix(cfg: &Config) -> String {
+    format!(
+        "as the table owner, run: {} GRANT SELECT, INSERT, UPDATE ON {} TO <relay role>; (part 1 \
+         of `outboxd setup`)",
+        create_state_table_sql(cfg).replace('\n', " "),
+        state_table(cfg)
+    )
+}
+
 /// What the state table says about the slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotRecord {
@@ -251,33 +261,56 @@ pub fn table_message(cfg: &Config, why: &str) -> String {
 }
 
 impl Control {
-    /// Makes sure the state table exists and may be written (creating it when the role
-    /// may). A role that may not, on a table the owner has not created, is reported,
-    /// not refused: the relay's own job goes on, without the record's protection.
-    pub async fn prepare_state(&self, cfg: &Config) -> Result<StateAccess, SourceError> {
+    /// Whether the slot's record can be kept, without changing anything: the state
+    /// table exists and may be written, or may be created.
+    pub async fn state_access(&self, cfg: &Config) -> Result<StateAccess, SourceError> {
+        let (schema, _) = split_table(&cfg.postgres.table);
         let row = self
             .client
             .query_one(
                 "SELECT pg_is_in_recovery(), to_regclass($1) IS NOT NULL, \
                         CASE WHEN to_regclass($1) IS NULL THEN NULL \
-                             ELSE has_table_privilege(to_regclass($1), 'SELECT, INSERT, UPDATE') END",
-                &[&state_table(cfg)],
+                             ELSE has_table_privilege(to_regclass($1), 'SELECT, INSERT, UPDATE') END, \
+                        has_schema_privilege($2, 'CREATE')",
+                &[&state_table(cfg), &schema],
             )
             .await
             .map_err(SourceError::query)?;
-        let (in_recovery, exists, writable): (bool, bool, Option<bool>) =
-            (row.get(0), row.get(1), row.get(2));
-        if in_recovery {
-            return Ok(StateAccess::InRecovery);
+        let (in_recovery, exists, writable, may_create): (bool, bool, Option<bool>, bool) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        Ok(if in_recovery {
+            StateAccess::InRecovery
+        } else if exists && writable == Some(false) {
+            StateAccess::NotPermitted(format!(
+                "the role may not write {}: {}",
+                state_table(cfg),
+                state_fix(cfg)
+            ))
+        } else if !exists && !may_create {
+            StateAccess::NotPermitted(format!(
+                "{} does not exist and the role may not create it: {}",
+                state_table(cfg),
+                state_fix(cfg)
+            ))
+        } else {
+            StateAccess::Writable
+        })
+    }
+
+    /// Makes sure the state table exists and may be written (creating it when the role
+    /// may). A role that may not, on a table the owner has not created, is reported,
+    /// not refused: the relay's own job goes on, without the record's protection.
+    pub async fn prepare_state(&self, cfg: &Config) -> Result<StateAccess, SourceError> {
+        let access = self.state_access(cfg).await?;
+        if access != StateAccess::Writable {
+            return Ok(access);
         }
-        let fix = || {
-            format!(
-                "as the table owner, run: {} GRANT SELECT, INSERT, UPDATE ON {} TO <relay role>; \
-                 (part 1 of `outboxd setup`)",
-                create_state_table_sql(cfg).replace('\n', " "),
-                state_table(cfg)
-            )
-        };
+        let exists: bool = self
+            .client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&state_table(cfg)])
+            .await
+            .map_err(SourceError::query)?
+            .get(0);
         if !exists {
             if let Err(e) = self
                 .client
@@ -289,18 +322,12 @@ impl Control {
                         "cannot create {}: {}; {}",
                         state_table(cfg),
                         db_message(&e),
-                        fix()
+                        state_fix(cfg)
                     )));
                 }
                 return Err(SourceError::query(e));
             }
             tracing::info!(table = %state_table(cfg), "created the slot state table");
-        } else if writable == Some(false) {
-            return Ok(StateAccess::NotPermitted(format!(
-                "the role may not write {}: {}",
-                state_table(cfg),
-                fix()
-            )));
         }
         Ok(StateAccess::Writable)
     }
