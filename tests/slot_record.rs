@@ -69,14 +69,7 @@ async fn a_role_that_may_not_keep_the_record_relays_and_names_the_sql() {
     drop(relay);
 
     // When the owner runs that SQL (part 1 of `outboxd setup`) and the relay restarts
-    let setup = outboxd(Some(&cfg), &["setup"], &[]);
-    let create = setup
-        .stdout
-        .split("CREATE TABLE IF NOT EXISTS public.outboxd_slots")
-        .nth(1)
-        .and_then(|rest| rest.split(");").next())
-        .map(|cols| format!("CREATE TABLE IF NOT EXISTS public.outboxd_slots{cols});"))
-        .unwrap_or_else(|| panic!("setup prints no state table: {}", setup.all()));
+    let create = state_table_sql(&cfg);
     owner
         .batch_execute(&format!(
             "{create} GRANT SELECT, INSERT, UPDATE ON public.outboxd_slots TO relay;"
@@ -101,4 +94,90 @@ async fn a_role_that_may_not_keep_the_record_relays_and_names_the_sql() {
         relay.stderr()
     );
     assert!(relay_log_lines(&relay.stderr(), "cannot record its slot").is_empty());
+}
+
+/// The state table's `CREATE TABLE` as `outboxd setup` prints it.
+fn state_table_sql(cfg: &str) -> String {
+    let setup = outboxd(Some(cfg), &["setup"], &[]);
+    setup
+        .stdout
+        .split("CREATE TABLE IF NOT EXISTS public.outboxd_slots")
+        .nth(1)
+        .and_then(|rest| rest.split(");").next())
+        .map(|cols| format!("CREATE TABLE IF NOT EXISTS public.outboxd_slots{cols});"))
+        .unwrap_or_else(|| panic!("setup prints no state table: {}", setup.all()))
+}
+
+/// Replicas of one deployment start together and race to create the record's table:
+/// `CREATE TABLE IF NOT EXISTS` is not atomic, the losers wait for the winner and then
+/// fail on the catalog's unique index. Every replica must come up (one streaming, the
+/// others standing by), none may exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_racing_to_create_the_record_all_come_up() {
+    let role = |port: u16| {
+        support::http_get(port, "/status").and_then(|(_, body)| {
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            v["role"].as_str().map(str::to_string)
+        })
+    };
+    // Given a fresh database where another replica is creating the state table (a
+    // transaction holds it uncommitted, so the race is certain rather than lucky)
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let cfg = config(&pg, None, &[]);
+    let mut winner = pg.client().await;
+    let tx = winner.transaction().await.expect("begin");
+    tx.batch_execute(&state_table_sql(&cfg))
+        .await
+        .expect("create uncommitted");
+
+    // When three replicas start and reach their own CREATE
+    let mut replicas: Vec<(Relay, u16)> = (0..3)
+        .map(|_| {
+            let port = support::free_port();
+            let listen = format!("\"127.0.0.1:{port}\"");
+            (
+                Relay::spawn(&config(&pg, None, &[("http", "listen", &listen)])),
+                port,
+            )
+        })
+        .collect();
+    let db = pg.client().await;
+    let waiting = wait_for(Duration::from_secs(30), || async {
+        let n: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                 AND query LIKE 'CREATE TABLE IF NOT EXISTS public.outboxd_slots%'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get(0);
+        n == 3
+    })
+    .await;
+    assert!(waiting, "the replicas wait on the winner's CREATE");
+    // and the winner commits
+    tx.commit().await.expect("commit");
+
+    // Then each answers as the streaming one or a standby, and none has exited
+    for (relay, port) in replicas.iter_mut() {
+        let up = wait_for(Duration::from_secs(30), || {
+            let r = role(*port);
+            async move { matches!(r.as_deref(), Some("streaming" | "standby")) }
+        })
+        .await;
+        assert!(
+            up && relay.try_exit().is_none(),
+            "a replica did not come up (role {:?}, exit {:?}): {}",
+            role(*port),
+            relay.try_exit(),
+            relay.stderr()
+        );
+    }
+    let streaming = replicas
+        .iter()
+        .filter(|(_, port)| role(*port).as_deref() == Some("streaming"))
+        .count();
+    assert_eq!(streaming, 1, "exactly one streams");
 }

@@ -317,7 +317,15 @@ impl Control {
                 .batch_execute(&create_state_table_sql(cfg))
                 .await
             {
-                if e.code().is_some_and(|c| c.code().starts_with("42")) {
+                // Replicas starting together race to create it: `IF NOT EXISTS` is
+                // not atomic, and the loser gets a unique violation on the catalog
+                // (23505) or `duplicate_table` (42P07). The table is there either way.
+                let code = e.code().map(|c| c.code().to_string()).unwrap_or_default();
+                if code == "23505" || code == "42P07" {
+                    tracing::debug!(table = %state_table(cfg), "another instance created the slot state table");
+                    return self.state_access(cfg).await;
+                }
+                if code.starts_with("42") {
                     return Ok(StateAccess::NotPermitted(format!(
                         "cannot create {}: {}; {}",
                         state_table(cfg),
