@@ -31,31 +31,42 @@ impl Replica {
     }
 }
 
-/// Index of the single streaming replica once exactly one streams and the live
-/// others report `standby`.
-async fn single_leader(replicas: &[Option<Replica>], timeout: Duration) -> Option<usize> {
-    let mut found = None;
-    let ok = wait_for(timeout, || {
-        let states: Vec<Option<(bool, String)>> = replicas
-            .iter()
-            .map(|r| r.as_ref().and_then(|r| Some((r.streaming()?, r.role()?))))
-            .collect();
-        let leaders: Vec<usize> = states
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| matches!(s, Some((true, _))))
-            .map(|(i, _)| i)
-            .collect();
-        let standbys_ok = states
+/// Index of the single streaming replica once every live replica answers, exactly
+/// one streams and the others report `standby`. A replica that exits fails the test:
+/// one that crashes at once must not pass for a standby that has not answered yet.
+async fn single_leader(replicas: &mut [Option<Replica>], timeout: Duration) -> Option<usize> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        for r in replicas.iter_mut().flatten() {
+            if let Some(status) = r.relay.try_exit() {
+                panic!("a replica exited ({status}): {}", r.relay.stderr());
+            }
+        }
+        let states: Vec<(usize, Option<(bool, String)>)> = replicas
             .iter()
             .enumerate()
-            .filter(|(i, s)| s.is_some() && !leaders.contains(i))
-            .all(|(_, s)| matches!(s, Some((false, role)) if role == "standby"));
-        found = (leaders.len() == 1 && standbys_ok).then(|| leaders[0]);
-        async move { found.is_some() }
-    })
-    .await;
-    ok.then_some(found).flatten()
+            .filter_map(|(i, r)| Some((i, r.as_ref()?)))
+            .map(|(i, r)| (i, r.streaming().zip(r.role())))
+            .collect();
+        if states.iter().all(|(_, s)| s.is_some()) {
+            let leaders: Vec<usize> = states
+                .iter()
+                .filter(|(_, s)| matches!(s, Some((true, _))))
+                .map(|(i, _)| *i)
+                .collect();
+            let standbys_ok = states
+                .iter()
+                .filter(|(i, _)| !leaders.contains(i))
+                .all(|(_, s)| matches!(s, Some((false, role)) if role == "standby"));
+            if leaders.len() == 1 && standbys_ok {
+                return Some(leaders[0]);
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,7 +93,7 @@ async fn one_streams_standbys_take_over_on_sigkill_and_sigterm() {
     let mut replicas: Vec<Option<Replica>> = vec![Some(spawn()), Some(spawn()), Some(spawn())];
 
     // Given three replicas: exactly one streams, two are ready standbys
-    let leader = single_leader(&replicas, Duration::from_secs(30))
+    let leader = single_leader(&mut replicas, Duration::from_secs(30))
         .await
         .expect("one leader");
     pg.wait_streaming("outboxd").await;
@@ -134,7 +145,7 @@ async fn one_streams_standbys_take_over_on_sigkill_and_sigterm() {
             old.relay.kill();
         }
         // Then a standby takes over
-        let next = single_leader(&replicas, Duration::from_secs(30))
+        let next = single_leader(&mut replicas, Duration::from_secs(30))
             .await
             .expect("takeover");
         takeovers.push((if sigterm { "SIGTERM" } else { "SIGKILL" }, t0.elapsed()));
@@ -142,7 +153,7 @@ async fn one_streams_standbys_take_over_on_sigkill_and_sigterm() {
         // and the stopped replica comes back as a standby
         old.relay.start();
         replicas[leader] = Some(old);
-        leader = single_leader(&replicas, Duration::from_secs(30))
+        leader = single_leader(&mut replicas, Duration::from_secs(30))
             .await
             .expect("stable");
         assert_eq!(
