@@ -5,13 +5,10 @@ use crate::support;
 
 use std::time::Duration;
 
-use support::{config, free_port, http_get, metric, metric_sum, wait_for, Nats, Postgres, Relay};
-
-fn scrape(port: u16) -> String {
-    http_get(port, "/metrics")
-        .map(|(_, b)| b)
-        .unwrap_or_default()
-}
+use support::{
+    config, free_port, http_get, metric, metric_sum, scrape, scraped, wait_for, Nats, Postgres,
+    Relay,
+};
 
 async fn insert_rows(pg: &Postgres, n: usize, agg: &str) {
     let db = pg.client().await;
@@ -50,7 +47,7 @@ async fn metrics_follow_a_broker_outage_and_probes_stay_green() {
     let published = |t: &str| metric_sum(t, "outboxd_events_published_total");
     assert!(
         wait_for(Duration::from_secs(20), || async {
-            published(&scrape(port)) >= 20.0
+            scraped(port, |t| published(t) >= 20.0)
         })
         .await,
         "{}",
@@ -78,10 +75,11 @@ async fn metrics_follow_a_broker_outage_and_probes_stay_green() {
     // Then lag grows, errors are counted, nothing is published, probes stay green
     assert!(
         wait_for(Duration::from_secs(20), || async {
-            let t = scrape(port);
-            metric(&t, "outboxd_replication_lag_bytes").unwrap_or(0.0) > 0.0
-                && metric(&t, "outboxd_lag_seconds").unwrap_or(0.0) > 0.0
-                && metric_sum(&t, "outboxd_publish_errors_total") > 0.0
+            scraped(port, |t| {
+                metric(t, "outboxd_replication_lag_bytes").unwrap_or(0.0) > 0.0
+                    && metric(t, "outboxd_lag_seconds").unwrap_or(0.0) > 0.0
+                    && metric_sum(t, "outboxd_publish_errors_total") > 0.0
+            })
         })
         .await,
         "{}",
@@ -101,10 +99,11 @@ async fn metrics_follow_a_broker_outage_and_probes_stay_green() {
     // Then everything is delivered and the lag returns to about zero
     assert!(
         wait_for(Duration::from_secs(60), || async {
-            let t = scrape(port);
-            published(&t) >= 70.0
-                && metric(&t, "outboxd_replication_lag_bytes").is_some_and(|b| b < 64.0 * 1024.0)
-                && metric(&t, "outboxd_lag_seconds") == Some(0.0)
+            scraped(port, |t| {
+                published(t) >= 70.0
+                    && metric(t, "outboxd_replication_lag_bytes").is_some_and(|b| b < 64.0 * 1024.0)
+                    && metric(t, "outboxd_lag_seconds") == Some(0.0)
+            })
         })
         .await,
         "{}",
@@ -189,7 +188,7 @@ async fn unreachable_postgres_is_ready_live_and_reports_without_secrets() {
     // Given a Postgres that refuses connections, the relay keeps retrying
     assert!(
         wait_for(Duration::from_secs(20), || async {
-            metric_sum(&scrape(port), "outboxd_reconnects_total") >= 2.0
+            scraped(port, |t| metric_sum(t, "outboxd_reconnects_total") >= 2.0)
         })
         .await
     );
