@@ -142,7 +142,9 @@ fn main() -> ExitCode {
     // Read before the config so that a config error can say why (a URL in
     // OUTBOXD_POSTGRES_URL is "missing"); logged once logging runs.
     let unused_env = outboxd::config::unused_env_vars();
-    let cfg = match Config::load(c.config.as_deref()) {
+    let loaded = Config::load(c.config.as_deref())
+        .and_then(|cfg| outboxd::sink::check_config(&cfg).map(|()| cfg));
+    let cfg = match loaded {
         Ok(mut cfg) => {
             if let Command::Run {
                 allow_new_slot,

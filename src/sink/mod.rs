@@ -295,6 +295,17 @@ pub fn structured_json(event: &Event) -> Result<Vec<u8>, serde_json::Error> {
     serde_json::to_vec(&Structured(event))
 }
 
+/// The sink's meaning checks that need its client library, run right after the
+/// configuration loads (exit 78 on failure, like every configuration error): today
+/// librdkafka's verdict on `[kafka.properties]`.
+pub fn check_config(cfg: &Config) -> Result<(), crate::config::ConfigError> {
+    if cfg.sink.kind == SinkKind::Kafka {
+        kafka::client::check_properties(&cfg.kafka)
+            .map_err(|(key, reason)| crate::config::ConfigError::Invalid { key, reason })?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
