@@ -321,3 +321,59 @@ async fn sigkill_while_writing_10000_rows_loses_nothing_and_keeps_order_per_key(
     }
     assert_order_per_key(&records, n_of);
 }
+
+/// Every codec a Kafka user sets in `compression.type` is built in and round-trips
+/// through the broker: the records come back with their ids.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_compression_codec_publishes() {
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let kafka = Tansu::start();
+    let db = pg.client().await;
+    let mut n = 0i64;
+    for codec in ["zstd", "lz4", "snappy", "gzip"] {
+        // Given a relay compressing with the codec, publishing to its own topic
+        let topic = format!("codec.{codec}");
+        kafka.create_topic(&topic, 1).await;
+        let quoted_topic = format!("\"{topic}\"");
+        let quoted_codec = format!("\"{codec}\"");
+        let relay = Relay::spawn(&kafka_config(
+            &pg,
+            &kafka.brokers(),
+            &[
+                ("kafka", "topic", &quoted_topic),
+                ("kafka.properties", "\"compression.type\"", &quoted_codec),
+            ],
+        ));
+        pg.wait_streaming("outboxd").await;
+        // When rows commit
+        let mut ids = HashSet::new();
+        for _ in 0..20 {
+            n += 1;
+            ids.insert(insert(&db, "Order", &format!("o-{}", n % 3), n).await);
+        }
+        // Then they arrive in the topic, readable
+        let arrived = wait_for(Duration::from_secs(30), || async {
+            let got: HashSet<String> = read_topic(&kafka.brokers(), &topic)
+                .await
+                .iter()
+                .filter_map(|r| r.header("ce_id").map(str::to_string))
+                .collect();
+            got.is_superset(&ids)
+        })
+        .await;
+        assert!(
+            arrived,
+            "{codec}: the rows did not arrive\n{}",
+            relay.stderr()
+        );
+        drop(relay);
+        // (the next relay takes the slot over)
+        assert!(
+            wait_for(Duration::from_secs(30), || async {
+                pg.slot_active_pid("outboxd").await.is_none()
+            })
+            .await
+        );
+    }
+}

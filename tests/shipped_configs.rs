@@ -33,9 +33,10 @@ fn shipped() -> Vec<(String, toml::Table)> {
         v
     };
     let mut out = Vec::new();
-    for path in files("config", "", ".toml")
-        .into_iter()
-        .chain(files("deploy/compose", "outboxd-", ".toml"))
+    for path in
+        files("config", "", ".toml")
+            .into_iter()
+            .chain(files("deploy/compose", "outboxd-", ".toml"))
     {
         let text = std::fs::read_to_string(&path).expect("read config");
         let table: toml::Table =
