@@ -155,6 +155,9 @@ impl Sink {
     /// (`outboxd_reconnects_total{component="broker"}`) and Kafka producer
     /// replacements.
     pub async fn connect(cfg: &Config, metrics: Option<&Metrics>) -> Result<Self, SinkError> {
+        if let Some(m) = metrics {
+            m.known_labels(name_of(cfg.sink.kind), Self::error_reasons(cfg.sink.kind));
+        }
         match cfg.sink.kind {
             SinkKind::Stdout => Ok(Sink::Stdout(stdout::StdoutSink::new())),
             SinkKind::Nats => Ok(Sink::Nats(
@@ -183,13 +186,64 @@ impl Sink {
         }
     }
 
+    /// The reasons (`outboxd_publish_errors_total{reason}`) a sink of `kind` reports.
+    pub fn error_reasons(kind: SinkKind) -> &'static [&'static str] {
+        match kind {
+            SinkKind::Stdout => &["encode", "fatal"],
+            SinkKind::Nats => &[
+                "connect",
+                "timeout",
+                "disconnected",
+                "auth",
+                "tls",
+                "no_stream",
+                "stream",
+                "broker_error",
+                "publish",
+                "too_large",
+                "encode",
+                "fatal",
+            ],
+            SinkKind::Kafka => &[
+                "connect",
+                "metadata",
+                "timeout",
+                "broker_down",
+                "broker_error",
+                "queue_full",
+                "leader_election",
+                "not_enough_replicas",
+                "unknown_topic",
+                "invalid_topic",
+                "invalid_record",
+                "too_large",
+                "fenced",
+                "unauthorized",
+                "canceled",
+                "auth",
+                "tls",
+                "encode",
+                "fatal",
+            ],
+        }
+    }
+
     /// The sink's name, for logs and metric labels.
     pub fn name(&self) -> &'static str {
-        match self {
-            Sink::Stdout(_) => "stdout",
-            Sink::Nats(_) => "nats",
-            Sink::Kafka(_) => "kafka",
-        }
+        name_of(match self {
+            Sink::Stdout(_) => SinkKind::Stdout,
+            Sink::Nats(_) => SinkKind::Nats,
+            Sink::Kafka(_) => SinkKind::Kafka,
+        })
+    }
+}
+
+/// A sink kind's name, for logs and metric labels.
+fn name_of(kind: SinkKind) -> &'static str {
+    match kind {
+        SinkKind::Stdout => "stdout",
+        SinkKind::Nats => "nats",
+        SinkKind::Kafka => "kafka",
     }
 }
 
@@ -309,6 +363,59 @@ pub fn check_config(cfg: &Config) -> Result<(), crate::config::ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every reason literal in a sink's source is in its `error_reasons` (so it is
+    /// exported at 0 from the start), and every poison reason in `POISON_REASONS`.
+    #[test]
+    fn every_reason_in_the_code_is_known() {
+        let literals = |src: &str| -> Vec<String> {
+            let mut out = Vec::new();
+            for pat in [
+                "reason: \"",
+                "retry(\"",
+                "rejected(\"",
+                "retryable(\"",
+                "Class::Retry(\"",
+                "Class::Reject(\"",
+            ] {
+                for part in src.split(pat).skip(1) {
+                    out.push(part.split('"').next().unwrap_or_default().to_string());
+                }
+            }
+            out
+        };
+        let nats = literals(include_str!("nats.rs"));
+        let kafka: Vec<String> = [
+            include_str!("kafka/mod.rs"),
+            include_str!("kafka/classify.rs"),
+            include_str!("kafka/client.rs"),
+            include_str!("kafka/limits.rs"),
+        ]
+        .iter()
+        .flat_map(|s| literals(s))
+        .collect();
+        assert!(nats.len() > 5 && kafka.len() > 10, "{nats:?} {kafka:?}");
+        for (kind, found) in [(SinkKind::Nats, nats), (SinkKind::Kafka, kafka)] {
+            for r in found
+                .iter()
+                .filter(|r| !r.is_empty() && r.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            {
+                assert!(
+                    Sink::error_reasons(kind).contains(&r.as_str()),
+                    "{kind:?}: {r}"
+                );
+            }
+        }
+        let rejects = include_str!("kafka/classify.rs")
+            .split("Class::Reject(\"")
+            .skip(1);
+        for r in rejects.map(|p| p.split('"').next().unwrap_or_default()) {
+            assert!(
+                crate::metrics::POISON_REASONS.contains(&r),
+                "poison reason {r}"
+            );
+        }
+    }
     use cloudevents::{EventBuilder, EventBuilderV10};
 
     fn event(data: Data, content_type: &str) -> Event {
