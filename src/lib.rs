@@ -19,18 +19,14 @@
 //! `id`, which the broker (and, failing that, the consumer) uses to drop duplicates.
 
 pub mod backoff;
-pub mod check;
+pub mod commands;
 pub mod config;
-pub mod deadletter;
 pub mod event;
-pub mod health;
 pub mod http;
 pub mod lsn;
-pub mod metrics;
-pub mod outbox;
 pub mod relay;
-pub mod replay;
 pub mod retention;
 pub mod route;
 pub mod sink;
 pub mod source;
+pub mod telemetry;

@@ -11,8 +11,8 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use outboxd::config::{Config, LogFormat, ReadinessMode};
-use outboxd::health::{Health, Readiness, Telemetry};
-use outboxd::metrics::Metrics;
+use outboxd::telemetry::Metrics;
+use outboxd::telemetry::{Health, Readiness, Telemetry};
 
 /// Exit code for a configuration error (sysexits EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
@@ -142,7 +142,7 @@ fn main() -> ExitCode {
     // Read before the config so that a config error can say why (a URL in
     // OUTBOXD_POSTGRES_URL is "missing"); logged once logging runs.
     let unused_env = outboxd::config::unused_env_vars();
-    let cfg = match Config::load(c.config.as_deref()) {
+    let cfg = match outboxd::commands::load_config(c.config.as_deref()) {
         Ok(mut cfg) => {
             if let Command::Run {
                 allow_new_slot,
@@ -222,7 +222,7 @@ fn main() -> ExitCode {
                 dry_run,
                 ..
             } => {
-                let sel = outboxd::replay::Selection {
+                let sel = outboxd::commands::replay::Selection {
                     from_time: from,
                     to_time: to,
                     from_id,
@@ -330,8 +330,8 @@ async fn signals(shutdown: CancellationToken) {
 }
 
 async fn check(cfg: &Config, aggregate_types: &[String]) -> anyhow::Result<ExitCode> {
-    let checks = outboxd::check::run(cfg, aggregate_types).await;
-    print!("{}", outboxd::check::render(&checks));
+    let checks = outboxd::commands::check::run(cfg, aggregate_types).await;
+    print!("{}", outboxd::commands::check::render(&checks));
     Ok(if checks.iter().all(|c| c.ok) {
         ExitCode::SUCCESS
     } else {
@@ -341,7 +341,7 @@ async fn check(cfg: &Config, aggregate_types: &[String]) -> anyhow::Result<ExitC
 
 async fn replay(
     mut cfg: Config,
-    sel: &outboxd::replay::Selection,
+    sel: &outboxd::commands::replay::Selection,
     prefix: Option<String>,
     dry_run: bool,
 ) -> anyhow::Result<ExitCode> {
@@ -349,7 +349,7 @@ async fn replay(
         cfg.nats.subject = format!("{p}{}", cfg.nats.subject);
         cfg.kafka.topic = format!("{p}{}", cfg.kafka.topic);
     }
-    let s = outboxd::replay::run(&cfg, sel, dry_run)
+    let s = outboxd::commands::replay::run(&cfg, sel, dry_run)
         .await
         .context("replay failed")?;
     let verb = if dry_run {
@@ -369,7 +369,7 @@ async fn replay(
 }
 
 async fn setup(cfg: &Config, apply: bool) -> anyhow::Result<ExitCode> {
-    let sql = outboxd::check::setup_sql(cfg);
+    let sql = outboxd::commands::check::setup_sql(cfg);
     if !apply {
         print!("{sql}");
         return Ok(ExitCode::SUCCESS);
@@ -419,7 +419,7 @@ async fn setup(cfg: &Config, apply: bool) -> anyhow::Result<ExitCode> {
         cfg.postgres.table,
         cfg.postgres.publication,
         cfg.postgres.slot,
-        outboxd::relay::lsn_text(slot.confirmed_flush_lsn)
+        outboxd::lsn::lsn_text(slot.confirmed_flush_lsn)
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -31,12 +31,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff;
 use crate::config::{Config, PoisonPolicy};
-use crate::deadletter::{self, PoisonRow};
-use crate::event::{to_cloudevent, Position};
-use crate::health::{Role, Telemetry};
-use crate::outbox::OutboxRow;
-use crate::sink::{Delivered, Envelope, Sink, SinkError};
+use crate::event::{deadletter, envelope, Envelope, Position};
+use crate::lsn::lsn_text;
+use crate::sink::{Delivered, Sink, SinkError};
 use crate::source::{Change, SourceError, Stream};
+use crate::telemetry::{Role, Telemetry};
 use gate::Gate;
 use progress::{Progress, TxnId};
 
@@ -388,7 +387,7 @@ async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), Rela
                     Change::Row(row) => {
                         t.metrics.events_received.inc();
                         let Some((id, pos)) = txn.as_mut() else { continue };
-                        let env = match envelope(cfg, *row, pos) {
+                        let env = match envelope(&cfg.cloudevents, *row, pos) {
                             Ok(env) => env,
                             Err(poison) => {
                                 let code = poison.code;
@@ -491,23 +490,6 @@ fn confirm_txns(stream: &Stream, t: &Telemetry, progress: &Progress, lsn: u64) {
     if let Some(micros) = progress.confirmed_commit_micros() {
         t.health.set_acked_commit(micros);
     }
-}
-
-/// Builds the envelope of a row, or the poison row it is.
-pub(crate) fn envelope(
-    cfg: &Config,
-    row: Result<OutboxRow, PoisonRow>,
-    pos: &Position,
-) -> Result<Envelope, PoisonRow> {
-    let row = row?;
-    let event = to_cloudevent(&row, pos, &cfg.cloudevents).map_err(|e| PoisonRow {
-        id: row.id.clone(),
-        aggregate_id: Some(row.aggregate_id.clone()),
-        code: e.reason_code(),
-        reason: e.to_string(),
-        row: row.raw(),
-    })?;
-    Ok(Envelope::of_row(event, row))
 }
 
 /// Handles one publish outcome: ack and release the key, retry, or stop.
@@ -779,5 +761,3 @@ fn deliver(
         (item, r)
     })
 }
-
-pub use crate::lsn::lsn_text;

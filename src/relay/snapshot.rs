@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  advisory lock ─▶ temporary slot + exported snapshot (source::export) ─▶ consistent point C
-//!      │            read the table in that snapshot (replay::plan, cursor, 1000 rows a batch)
+//!      │            read the table in that snapshot (source::table::plan, cursor, 1000 rows a batch)
 //!      │            publish every row, wait for every ack (per-aggregate order kept)
 //!      └──────────▶ copy the temporary slot into postgres.slot (at C) ─▶ stream after C
 //! ```
@@ -35,12 +35,11 @@ use tokio_util::sync::CancellationToken;
 use super::{Ctx, RelayError};
 use crate::backoff;
 use crate::config::PoisonPolicy;
-use crate::deadletter;
-use crate::event::Position;
-use crate::replay::{self, ReplayError, Selection};
-use crate::sink::{Envelope, SinkError};
+use crate::event::{deadletter, table_envelope, Envelope, Position};
+use crate::sink::SinkError;
 use crate::source::control::{Control, SlotInfo};
 use crate::source::export::ExportedSlot;
+use crate::source::table::{self, PlanError, Selection};
 use crate::source::SourceError;
 
 /// Rows fetched from the cursor per round trip; they are all acknowledged before
@@ -76,7 +75,7 @@ pub(super) async fn take(
         return Ok(None);
     };
     let exported = exported?;
-    tracing::info!(slot = %slot, consistent_point = %super::lsn_text(exported.consistent_point()), "{what} started");
+    tracing::info!(slot = %slot, consistent_point = %crate::lsn::lsn_text(exported.consistent_point()), "{what} started");
     let started = std::time::Instant::now();
     let Some(published) = publish_rows(
         ctx,
@@ -97,7 +96,7 @@ pub(super) async fn take(
     let info = control.slot(slot).await?.ok_or_else(|| {
         SourceError::Setup(format!("replication slot {slot} vanished after the {what}"))
     })?;
-    tracing::info!(slot = %slot, published, seconds = started.elapsed().as_secs_f64(), start_lsn = %super::lsn_text(info.confirmed_flush_lsn), "{what} done; streaming from the new slot");
+    tracing::info!(slot = %slot, published, seconds = started.elapsed().as_secs_f64(), start_lsn = %crate::lsn::lsn_text(info.confirmed_flush_lsn), "{what} done; streaming from the new slot");
     Ok(Some((info, copied)))
 }
 
@@ -132,7 +131,7 @@ async fn publish_rows(
     what: &str,
 ) -> Result<Option<u64>, RelayError> {
     let cfg = ctx.cfg;
-    let read = replay::plan(control, cfg, selection)
+    let read = table::plan(control, cfg, selection)
         .await
         .map_err(source_error)?;
     let mut published = 0u64;
@@ -159,7 +158,7 @@ async fn publish_rows(
         // Per aggregate, in read order: one queue each.
         let mut queues: HashMap<String, Vec<Envelope>> = HashMap::new();
         for values in rows {
-            let env = match replay::table_envelope(cfg, &read.layout, &values, index) {
+            let env = match table_envelope(&cfg.cloudevents, &read.layout, &values, index) {
                 Ok(env) => env,
                 Err(poison) => {
                     let code = poison.code;
@@ -289,10 +288,10 @@ async fn watch<T>(
 }
 
 /// A failed table read as the relay classifies it (a lost connection is retried).
-fn source_error(e: ReplayError) -> RelayError {
+fn source_error(e: PlanError) -> RelayError {
     match e {
-        ReplayError::Source(e) => e.into(),
-        ReplayError::Schema(e) => SourceError::Schema(e).into(),
+        PlanError::Source(e) => e.into(),
+        PlanError::Schema(e) => SourceError::Schema(e).into(),
         other => SourceError::Setup(format!("initial snapshot: {other}")).into(),
     }
 }

@@ -17,12 +17,10 @@ pub mod stdout;
 
 use std::borrow::Cow;
 
-use cloudevents::event::Data;
-use cloudevents::{AttributesReader, Event};
-use serde::ser::{Serialize, SerializeMap, Serializer};
-
-use crate::config::{Config, SinkKind};
-use crate::metrics::Metrics;
+use crate::config::{Config, ConfigError, SinkKind};
+use crate::event::Envelope;
+use crate::route::Template;
+use crate::telemetry::Metrics;
 
 /// A publish failure, sorted by what happens next.
 #[derive(Debug, thiserror::Error)]
@@ -87,43 +85,6 @@ impl SinkError {
         match self {
             SinkError::Retryable { reason, .. } | SinkError::Rejected { reason, .. } => reason,
             SinkError::Fatal { .. } => "fatal",
-        }
-    }
-}
-
-/// What the relay hands a sink: the event plus the row fields routing needs.
-#[derive(Debug, Clone)]
-pub struct Envelope {
-    /// The CloudEvent.
-    pub event: Event,
-    /// Aggregate type (routing).
-    pub aggregate_type: String,
-    /// Aggregate id (ordering key).
-    pub aggregate_id: String,
-    /// Event type without prefix (routing).
-    pub event_type: String,
-    /// Goes to the dead-letter destination instead of the templated one.
-    pub dead_letter: bool,
-}
-
-impl Envelope {
-    /// The envelope of `row`'s event (not a dead letter).
-    pub fn of_row(event: Event, row: crate::outbox::OutboxRow) -> Self {
-        Self {
-            event,
-            aggregate_type: row.aggregate_type,
-            aggregate_id: row.aggregate_id,
-            event_type: row.event_type,
-            dead_letter: false,
-        }
-    }
-
-    /// The template fields of this envelope.
-    pub fn fields(&self) -> crate::route::Fields<'_> {
-        crate::route::Fields {
-            aggregate_type: &self.aggregate_type,
-            aggregate_id: &self.aggregate_id,
-            event_type: &self.event_type,
         }
     }
 }
@@ -193,6 +154,29 @@ impl Sink {
     }
 }
 
+/// What the sink's settings mean, checked right after the config loads (the config
+/// itself checks only their shape): the routing templates parse, and NATS's
+/// credentials and TLS files make sense. Each error names the key to change.
+pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
+    let template = |key: &str, text: &str| {
+        Template::parse(text)
+            .map(drop)
+            .map_err(|e| ConfigError::invalid(key, e.to_string()))
+    };
+    match cfg.sink.kind {
+        SinkKind::Nats => {
+            cfg.nats.validate_security()?;
+            template("nats.subject", &cfg.nats.subject)?;
+        }
+        SinkKind::Kafka => {
+            template("kafka.topic", &cfg.kafka.topic)?;
+            template("kafka.key", &cfg.kafka.key)?;
+        }
+        SinkKind::Stdout => {}
+    }
+    Ok(())
+}
+
 /// The attributes and extensions outboxd writes on every event, and their header names
 /// in the NATS (`ce-`) and Kafka (`ce_`) bindings: static, so the hot path allocates no
 /// header name for them.
@@ -248,90 +232,9 @@ pub fn extension_text(value: &cloudevents::event::ExtensionValue) -> Cow<'_, str
     }
 }
 
-/// The JSON event format of an event (structured content mode), as the SDK writes it,
-/// except that data which the event carries as bytes under a JSON `datacontenttype`
-/// (how [`crate::event`] keeps a row's JSON payload) is embedded as JSON in `data`,
-/// unchanged, rather than as `data_base64`.
-pub struct Structured<'a>(pub &'a Event);
-
-impl Serialize for Structured<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let e = self.0;
-        let json_bytes = match (e.data(), e.datacontenttype()) {
-            (Some(Data::Binary(b)), Some(ct)) if crate::event::is_json(ct) => Some(b),
-            _ => None,
-        };
-        let Some(bytes) = json_bytes else {
-            return e.serialize(serializer);
-        };
-        let text = std::str::from_utf8(bytes).map_err(serde::ser::Error::custom)?;
-        let data: &serde_json::value::RawValue =
-            serde_json::from_str(text).map_err(serde::ser::Error::custom)?;
-        let mut m = serializer.serialize_map(None)?;
-        m.serialize_entry("specversion", e.specversion().as_str())?;
-        m.serialize_entry("id", e.id())?;
-        m.serialize_entry("type", e.ty())?;
-        m.serialize_entry("source", e.source())?;
-        m.serialize_entry("datacontenttype", e.datacontenttype().unwrap_or_default())?;
-        if let Some(schema) = e.dataschema() {
-            m.serialize_entry("dataschema", schema)?;
-        }
-        if let Some(subject) = e.subject() {
-            m.serialize_entry("subject", subject)?;
-        }
-        if let Some(time) = e.time() {
-            m.serialize_entry("time", time)?;
-        }
-        m.serialize_entry("data", data)?;
-        for (name, value) in e.iter_extensions() {
-            m.serialize_entry(name, value)?;
-        }
-        m.end()
-    }
-}
-
-/// [`Structured`] as bytes.
-pub fn structured_json(event: &Event) -> Result<Vec<u8>, serde_json::Error> {
-    serde_json::to_vec(&Structured(event))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cloudevents::{EventBuilder, EventBuilderV10};
-
-    fn event(data: Data, content_type: &str) -> Event {
-        EventBuilderV10::new()
-            .id("e-1")
-            .source("/s")
-            .ty("T")
-            .subject("a-1")
-            .extension("sequence", "0001")
-            .data(content_type, data)
-            .build()
-            .expect("valid")
-    }
-
-    #[test]
-    fn json_bytes_are_embedded_as_json_exactly_as_written() {
-        let raw = br#"{"b": 1, "a": [true]}"#;
-        let e = event(Data::Binary(raw.to_vec()), "application/json");
-        let text = String::from_utf8(structured_json(&e).expect("encodes")).expect("utf-8");
-        assert!(text.contains(r#""data":{"b": 1, "a": [true]}"#), "{text}");
-        assert!(!text.contains("data_base64"), "{text}");
-        // What the SDK reads back is the same event with the data as a JSON value.
-        let back: Event = serde_json::from_str(&text).expect("a CloudEvent");
-        assert_eq!(back.id(), "e-1");
-        assert_eq!(back.subject(), Some("a-1"));
-        assert_eq!(
-            back.extension("sequence").map(|v| v.to_string()).as_deref(),
-            Some("0001")
-        );
-        assert_eq!(
-            back.data(),
-            Some(&Data::Json(serde_json::json!({"b": 1, "a": [true]})))
-        );
-    }
 
     #[test]
     fn header_names_follow_the_bindings() {
@@ -339,21 +242,5 @@ mod tests {
         assert_eq!(ce_header_name("sequence", '_'), "ce_sequence");
         assert_eq!(ce_header_name("traceparent", '-'), "ce-traceparent");
         assert_eq!(ce_header_name("traceparent", '_'), "ce_traceparent");
-    }
-
-    #[test]
-    fn other_data_is_written_by_the_sdk() {
-        for (data, ct) in [
-            (Data::Binary(vec![0, 159]), "application/octet-stream"),
-            (Data::String("plain".into()), "text/plain"),
-            (Data::Json(serde_json::json!({"k": 1})), "application/json"),
-        ] {
-            let e = event(data, ct);
-            assert_eq!(
-                structured_json(&e).expect("encodes"),
-                serde_json::to_vec(&e).expect("encodes"),
-                "{ct}"
-            );
-        }
     }
 }

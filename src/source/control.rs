@@ -87,7 +87,7 @@ impl Snapshot<'_> {
             .query(&format!("FETCH {n} FROM replay"), &[])
             .await
             .map_err(SourceError::query)?;
-        Ok(rows.iter().map(crate::replay::values_of).collect())
+        Ok(rows.iter().map(super::table::values_of).collect())
     }
 }
 
@@ -481,7 +481,7 @@ impl Control {
             .iter()
             .map(|r| (r.get::<_, String>(1), r.get::<_, u32>(2)))
             .collect();
-        Ok(crate::replay::relation_of(id, schema, table, cols))
+        Ok(super::table::relation_of(id, schema, table, cols))
     }
 
     /// Starts a read-only snapshot for a replay; with `exported`, the snapshot a slot

@@ -15,8 +15,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::deadletter::PoisonRow;
-use crate::outbox::{parse_rfc3339, OutboxRow, PayloadKind};
+use super::outbox::{is_json, parse_rfc3339, OutboxRow, PayloadKind, PoisonRow};
 
 #[derive(Deserialize)]
 struct Envelope<'a> {
@@ -81,11 +80,8 @@ pub fn decode(content: &[u8]) -> Result<OutboxRow, PoisonRow> {
     let payload = env
         .payload
         .ok_or_else(|| fail("payload is missing".into()))?;
-    let text_payload = env
-        .content_type
-        .as_deref()
-        .is_some_and(|c| !crate::event::is_json(c))
-        && payload.get().starts_with('"');
+    let text_payload =
+        env.content_type.as_deref().is_some_and(|c| !is_json(c)) && payload.get().starts_with('"');
     let (payload, payload_kind) = if text_payload {
         let s: String = serde_json::from_str(payload.get()).map_err(|e| fail(e.to_string()))?;
         (Bytes::from(s), PayloadKind::Text)

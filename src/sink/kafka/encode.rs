@@ -46,7 +46,7 @@ pub fn encode(event: &Event, mode: ContentMode) -> Result<Encoded, EncodeError> 
                 Cow::Borrowed("content-type"),
                 STRUCTURED_CONTENT_TYPE.into(),
             )],
-            value: Some(crate::sink::structured_json(event)?),
+            value: Some(crate::event::structured_json(event)?),
         }),
         ContentMode::Binary => {
             let mut headers = Vec::with_capacity(12);

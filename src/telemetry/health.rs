@@ -22,8 +22,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::metrics::Metrics;
-
 /// How long the relay loop may go without a tick before `/healthz` fails.
 pub const LIVENESS_WINDOW: Duration = Duration::from_secs(60);
 
@@ -112,14 +110,6 @@ struct Inner {
     sink_error: Option<String>,
     server_wal_lsn: u64,
     lag_bytes: i64,
-}
-
-/// Metrics plus health: everything the endpoints read.
-pub struct Telemetry {
-    /// All metrics.
-    pub metrics: Metrics,
-    /// Role, watchdog, readiness.
-    pub health: Health,
 }
 
 /// Role, progress, watchdog.
@@ -328,8 +318,8 @@ impl Health {
             role: i.role,
             slot: self.slot.clone(),
             publication: self.publication.clone(),
-            confirmed_lsn: crate::relay::lsn_text(self.confirmed_lsn.load(Ordering::Relaxed)),
-            server_wal_lsn: crate::relay::lsn_text(i.server_wal_lsn),
+            confirmed_lsn: crate::lsn::lsn_text(self.confirmed_lsn.load(Ordering::Relaxed)),
+            server_wal_lsn: crate::lsn::lsn_text(i.server_wal_lsn),
             lag_bytes: i.lag_bytes,
             lag_seconds: f64::from_bits(self.lag_seconds_bits.load(Ordering::Relaxed)),
             last_error: i.last_error.as_ref().map(|(e, _)| e.clone()),

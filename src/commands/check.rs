@@ -223,7 +223,7 @@ pub async fn run(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
                  `outboxd run --allow-new-slot` creates a new slot and first republishes them \
                  from the outbox table",
                 p.slot,
-                crate::relay::lsn_text(s.confirmed_flush_lsn)
+                crate::lsn::lsn_text(s.confirmed_flush_lsn)
             ),
         )),
         Ok(Some(s)) if s.plugin == "pgoutput" => out.push(check(
@@ -232,7 +232,7 @@ pub async fn run(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
             format!(
                 "{} at {}{}",
                 p.slot,
-                crate::relay::lsn_text(s.confirmed_flush_lsn),
+                crate::lsn::lsn_text(s.confirmed_flush_lsn),
                 s.active_pid
                     .map(|pid| format!(", streamed by pid {pid}"))
                     .unwrap_or_default()

@@ -10,8 +10,8 @@
 use bytes::Bytes;
 use chrono::{DateTime, NaiveDateTime, Utc};
 
+use super::pgoutput::{Relation, Value};
 use crate::config::ColumnMapping;
-use crate::source::pgoutput::{Relation, Value};
 
 /// Postgres type OIDs the outbox understands.
 mod oid {
@@ -42,6 +42,27 @@ const ID_TYPES: &[u32] = &[
 const PAYLOAD_TYPES: &[u32] = &[oid::JSONB, oid::JSON, oid::TEXT, oid::VARCHAR, oid::BYTEA];
 const JSON_TYPES: &[u32] = &[oid::JSONB, oid::JSON];
 const TIME_TYPES: &[u32] = &[oid::TIMESTAMPTZ, oid::TIMESTAMP];
+
+/// A poison row: not a valid outbox row or not a valid event.
+#[derive(Debug, Clone)]
+pub struct PoisonRow {
+    /// Row id (`<unknown>` when the id itself is missing).
+    pub id: String,
+    /// Aggregate id, when the row has one (keeps the dead letter in its order).
+    pub aggregate_id: Option<String>,
+    /// Short reason code (metrics label, `deadletterreason`).
+    pub code: &'static str,
+    /// What is wrong.
+    pub reason: String,
+    /// The row's columns as JSON.
+    pub row: serde_json::Value,
+}
+
+/// True for `application/json`, `text/json` and any `+json` type, as the SDK decides.
+pub fn is_json(content_type: &str) -> bool {
+    let base = content_type.split(';').next().unwrap_or("").trim();
+    base == "application/json" || base == "text/json" || base.ends_with("+json")
+}
 
 /// Why a table or a row cannot be used.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]

@@ -10,6 +10,8 @@
 //! A PubAck with `duplicate: true` counts as delivered: JetStream already stored the
 //! same event id within the stream's duplicate window.
 
+pub(crate) mod auth;
+
 use std::borrow::Cow;
 use std::error::Error as _;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -25,8 +27,9 @@ use prometheus::IntCounter;
 
 use super::{Delivered, Envelope, SinkError};
 use crate::backoff;
-use crate::config::{redact_url, ContentMode, NatsAuth, NatsConfig, RetryConfig, UrlCredentials};
+use crate::config::{redact_url, ContentMode, NatsConfig, RetryConfig};
 use crate::route::{Sanitize, Template};
+use auth::{NatsAuth, UrlCredentials};
 
 const SINK: &str = "nats";
 
@@ -477,7 +480,7 @@ pub fn encode(
                 header_value(event.id()).as_ref(),
             );
             h.insert("content-type", "application/cloudevents+json");
-            let body = super::structured_json(event).map_err(encode_err)?;
+            let body = crate::event::structured_json(event).map_err(encode_err)?;
             Ok((h, Bytes::from(body)))
         }
         ContentMode::Binary => {
