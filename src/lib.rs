@@ -18,6 +18,8 @@
 //! one aggregate in commit order; every event carries the row id as its CloudEvent
 //! `id`, which the broker (and, failing that, the consumer) uses to drop duplicates.
 
+#[cfg(test)]
+mod architecture;
 pub mod backoff;
 pub mod commands;
 pub mod config;
