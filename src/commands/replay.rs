@@ -11,11 +11,19 @@
 //! mapped) then id, and published one at a time, each after the previous one's ack,
 //! so every aggregate's events keep that order. The `sequence` extension of a
 //! replayed event counts rows of the replay (its commit LSN is not known here).
+//!
+//! Failures follow the relay's policy (`relay::policy`) with two differences an
+//! operator at a terminal wants: transient errors are retried with `[retry]`'s
+//! backoff at most [`MAX_RETRIES`] times, and neither an invalid row nor a rejected
+//! event becomes a dead letter: an invalid row is listed and skipped (exit 1), a
+//! rejection stops the replay. The row stays in the table either way.
 
 use std::io::{IsTerminal, Write};
 
-use crate::config::Config;
+use crate::backoff;
+use crate::config::{Config, PoisonPolicy, RetryConfig};
 use crate::event::{table_envelope, Envelope};
+use crate::relay::policy::{self, Action};
 use crate::sink::{Sink, SinkError};
 use crate::source::control::Control;
 pub use crate::source::table::Selection;
@@ -118,7 +126,7 @@ pub async fn run(cfg: &Config, sel: &Selection, dry_run: bool) -> Result<Summary
                     summary.published += 1;
                 }
                 Some(s) => {
-                    publish(s, &env).await?;
+                    publish(s, &env, &cfg.retry).await?;
                     summary.published += 1;
                     if progress && summary.published.is_multiple_of(100) {
                         eprint!("\rreplayed {}/{}", summary.published, summary.matched);
@@ -134,23 +142,35 @@ pub async fn run(cfg: &Config, sel: &Selection, dry_run: bool) -> Result<Summary
     Ok(summary)
 }
 
-/// Publishes with the relay's retry policy for transient errors (bounded: a replay is
-/// interactive, so after 10 attempts it stops and says so).
-async fn publish(sink: &Sink, env: &Envelope) -> Result<(), ReplayError> {
+/// Retries of one event before a replay gives up: a replay is interactive, so it
+/// stops and says so rather than wait for the broker for ever.
+const MAX_RETRIES: u32 = 10;
+
+/// Publishes one event with the relay's policy ([`policy::on_error`]): a transient
+/// error is retried after `[retry]`'s backoff, at most [`MAX_RETRIES`] times. Replay
+/// sends no dead letters (the row stays in the table, and the operator is at the
+/// terminal): any rejection stops it, naming the event.
+async fn publish(sink: &Sink, env: &Envelope, retry: &RetryConfig) -> Result<(), ReplayError> {
     let mut attempt = 0;
     loop {
-        match sink.publish(env).await {
+        let e = match sink.publish(env).await {
             Ok(_) => return Ok(()),
-            Err(e) if e.is_retryable() && attempt < 10 => {
-                attempt += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(100 << attempt.min(6))).await;
-            }
-            Err(source) => {
-                return Err(ReplayError::Sink {
-                    id: cloudevents::AttributesReader::id(&env.event).to_string(),
-                    source,
-                })
-            }
+            Err(e) => e,
+        };
+        let action = policy::on_error(
+            &e,
+            attempt,
+            Some(MAX_RETRIES),
+            PoisonPolicy::Halt,
+            env.dead_letter,
+        );
+        if action != Action::Retry {
+            return Err(ReplayError::Sink {
+                id: cloudevents::AttributesReader::id(&env.event).to_string(),
+                source: e,
+            });
         }
+        tokio::time::sleep(backoff::delay(retry, attempt)).await;
+        attempt += 1;
     }
 }

@@ -17,6 +17,7 @@
 //! final status update).
 
 mod gate;
+pub mod policy;
 pub mod progress;
 mod setup;
 mod snapshot;
@@ -30,13 +31,15 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff;
-use crate::config::{Config, PoisonPolicy};
+use crate::config::Config;
 use crate::event::{deadletter, envelope, Envelope, Position};
 use crate::lsn::lsn_text;
 use crate::sink::{Delivered, Sink, SinkError};
+use crate::source::outbox::PoisonRow;
 use crate::source::{Change, SourceError, Stream};
 use crate::telemetry::{Role, Telemetry};
 use gate::Gate;
+use policy::Action;
 use progress::{Progress, TxnId};
 
 /// Why the relay stopped (other than a requested shutdown).
@@ -389,18 +392,11 @@ async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), Rela
                         let Some((id, pos)) = txn.as_mut() else { continue };
                         let env = match envelope(&cfg.cloudevents, *row, pos) {
                             Ok(env) => env,
-                            Err(poison) => {
-                                let code = poison.code;
-                                if cfg.sink.on_invalid == PoisonPolicy::Halt {
-                                    // Stop before the LSN can move past the row.
-                                    t.metrics.poison_events.with_label_values(&[code, "halt"]).inc();
-                                    tracing::error!(event_id = %poison.id, reason = %poison.reason, "invalid outbox row; halting (sink.on_invalid = halt)");
-                                    break Err(RelayError::Halted { id: poison.id, reason: poison.reason, policy_key: "on_invalid" });
-                                }
-                                t.metrics.poison_events.with_label_values(&[code, "dead_letter"]).inc();
-                                tracing::warn!(event_id = %poison.id, reason = %poison.reason, "invalid outbox row; sending it to the dead-letter destination");
-                                deadletter::for_row(&poison, pos, &cfg.cloudevents)
-                            }
+                            Err(poison) => match invalid(ctx, poison, pos, "") {
+                                Ok(dead_letter) => dead_letter,
+                                // Stop before the LSN can move past the row.
+                                Err(e) => break Err(e),
+                            },
                         };
                         progress.add(*id);
                         let key = env.aggregate_id.clone();
@@ -503,7 +499,7 @@ fn on_result(
     result: Result<Delivered, SinkError>,
 ) -> Result<(), RelayError> {
     let (m, sink) = (&ctx.t.metrics, ctx.sink.name());
-    match result {
+    let e = match result {
         Ok(delivered) => {
             sink_recovered(ctx.t);
             acknowledged(ctx.t, sink, &item, &delivered);
@@ -513,9 +509,13 @@ fn on_result(
             if let Some(next) = gate.release(&item.env.aggregate_id) {
                 in_flight.push(deliver(ctx, next, Duration::ZERO));
             }
-            Ok(())
+            return Ok(());
         }
-        Err(e) if e.is_retryable() => {
+        Err(e) => e,
+    };
+    let on_rejected = ctx.cfg.sink.on_rejected;
+    match policy::on_error(&e, item.attempt, None, on_rejected, item.env.dead_letter) {
+        Action::Retry => {
             let wait = backoff::delay(&ctx.cfg.retry, item.attempt);
             publish_failed(ctx.t, &e);
             tracing::debug!(event_id = %item.env.event.id(), attempt = item.attempt + 1, reason = e.reason(), error = %e, retry_in_ms = wait.as_millis() as u64, "publish failed; retrying");
@@ -526,12 +526,18 @@ fn on_result(
             in_flight.push(deliver(ctx, item, wait));
             Ok(())
         }
-        Err(e @ SinkError::Rejected { .. }) => {
+        Action::Fail => {
+            m.publish_errors
+                .with_label_values(&[sink, e.reason()])
+                .inc();
+            Err(e.into())
+        }
+        action => {
             m.publish_errors
                 .with_label_values(&[sink, e.reason()])
                 .inc();
             ctx.t.health.set_error(Some(e.to_string()));
-            match rejected(ctx, &item.env, &e, "event")? {
+            match rejected(ctx, &item.env, &e, action, "event")? {
                 // Same transaction, same aggregate key (still held): order is kept.
                 Some(env) => in_flight.push(deliver(
                     ctx,
@@ -554,62 +560,82 @@ fn on_result(
             }
             Ok(())
         }
-        Err(e) => {
-            m.publish_errors
-                .with_label_values(&[sink, e.reason()])
-                .inc();
-            Err(e.into())
-        }
     }
 }
 
-/// The `sink.on_rejected` policy for an event the broker refused for good: the dead
-/// letter to send in its place, the halt, or `None` when the event was a dead letter
-/// that is itself too large: it is then recorded in the log (it carries no payload,
-/// see `deadletter`) and counted, and the stream moves on. `what` names the event in
-/// the log.
+/// Acts on `action`, the policy's answer for an event the broker refused for good
+/// (see [`policy::on_error`]): the dead letter to send in its place, the halt, or
+/// `None` when the event was a dead letter that is itself too large: it is then
+/// recorded in the log (it carries no payload, see `event::deadletter`) and counted,
+/// and the stream moves on. `what` names the event in the log.
 fn rejected(
     ctx: &Ctx<'_>,
     env: &Envelope,
     e: &SinkError,
+    action: Action,
     what: &str,
 ) -> Result<Option<Envelope>, RelayError> {
     let m = &ctx.t.metrics;
     let id = env.event.id().to_string();
-    if env.dead_letter && e.reason() == "too_large" {
-        m.poison_events
-            .with_label_values(&[e.reason(), "logged"])
-            .inc();
-        let record = match env.event.data() {
-            Some(cloudevents::Data::Json(v)) => v.to_string(),
-            _ => String::new(),
-        };
-        tracing::error!(event_id = %id, error = %e, dead_letter = %record, "the dead letter does not fit the broker either; it is recorded in this log line instead and the stream moves on");
-        return Ok(None);
+    m.poison_events
+        .with_label_values(&[e.reason(), action.label()])
+        .inc();
+    match action {
+        Action::Log => {
+            let record = match env.event.data() {
+                Some(cloudevents::Data::Json(v)) => v.to_string(),
+                _ => String::new(),
+            };
+            tracing::error!(event_id = %id, error = %e, dead_letter = %record, "the dead letter does not fit the broker either; it is recorded in this log line instead and the stream moves on");
+            Ok(None)
+        }
+        Action::DeadLetter => {
+            tracing::warn!(event_id = %id, reason = e.reason(), error = %e, "broker rejected {what}; sending it to the dead-letter destination");
+            Ok(Some(deadletter::for_rejected(
+                env,
+                e.reason(),
+                &e.to_string(),
+                &ctx.cfg.cloudevents,
+            )))
+        }
+        // Halt: a dead letter refused for another reason than its size cannot go
+        // anywhere until an operator fixes its destination; keep it.
+        _ => {
+            tracing::error!(event_id = %id, reason = e.reason(), error = %e, dead_letter = env.dead_letter, "broker rejected {what}; halting");
+            Err(RelayError::Halted {
+                id,
+                reason: e.to_string(),
+                policy_key: "on_rejected",
+            })
+        }
     }
-    // A dead letter refused for another reason (its destination is off limits or
-    // invalid) cannot go anywhere until an operator fixes that: halt, keep it.
-    if ctx.cfg.sink.on_rejected == PoisonPolicy::Halt || env.dead_letter {
-        m.poison_events
-            .with_label_values(&[e.reason(), "halt"])
-            .inc();
-        tracing::error!(event_id = %id, reason = e.reason(), error = %e, dead_letter = env.dead_letter, "broker rejected {what}; halting");
+}
+
+/// Acts on `sink.on_invalid` (see [`policy::on_invalid`]) for a row that is not a
+/// valid event: its dead letter at `pos`, or the halt. `place` says where the row
+/// was read (empty for the stream), for the log.
+fn invalid(
+    ctx: &Ctx<'_>,
+    poison: PoisonRow,
+    pos: &Position,
+    place: &str,
+) -> Result<Envelope, RelayError> {
+    let action = policy::on_invalid(ctx.cfg.sink.on_invalid);
+    ctx.t
+        .metrics
+        .poison_events
+        .with_label_values(&[poison.code, action.label()])
+        .inc();
+    if action == Action::Halt {
+        tracing::error!(event_id = %poison.id, reason = %poison.reason, "invalid outbox row{place}; halting (sink.on_invalid = halt)");
         return Err(RelayError::Halted {
-            id,
-            reason: e.to_string(),
-            policy_key: "on_rejected",
+            id: poison.id,
+            reason: poison.reason,
+            policy_key: "on_invalid",
         });
     }
-    m.poison_events
-        .with_label_values(&[e.reason(), "dead_letter"])
-        .inc();
-    tracing::warn!(event_id = %id, reason = e.reason(), error = %e, "broker rejected {what}; sending it to the dead-letter destination");
-    Ok(Some(deadletter::for_rejected(
-        env,
-        e.reason(),
-        &e.to_string(),
-        &ctx.cfg.cloudevents,
-    )))
+    tracing::warn!(event_id = %poison.id, reason = %poison.reason, "invalid outbox row{place}; sending it to the dead-letter destination");
+    Ok(deadletter::for_row(&poison, pos, &ctx.cfg.cloudevents))
 }
 
 /// A publish attempt failed and is retried: counted, and logged once when the sink

@@ -32,11 +32,10 @@ use cloudevents::AttributesReader;
 use futures::stream::{self, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
+use super::policy::{self, Action};
 use super::{Ctx, RelayError};
 use crate::backoff;
-use crate::config::PoisonPolicy;
-use crate::event::{deadletter, table_envelope, Envelope, Position};
-use crate::sink::SinkError;
+use crate::event::{table_envelope, Envelope, Position};
 use crate::source::control::{Control, SlotInfo};
 use crate::source::export::ExportedSlot;
 use crate::source::table::{self, PlanError, Selection};
@@ -161,32 +160,12 @@ async fn publish_rows(
             let env = match table_envelope(&cfg.cloudevents, &read.layout, &values, index) {
                 Ok(env) => env,
                 Err(poison) => {
-                    let code = poison.code;
-                    if cfg.sink.on_invalid == PoisonPolicy::Halt {
-                        ctx.t
-                            .metrics
-                            .poison_events
-                            .with_label_values(&[code, "halt"])
-                            .inc();
-                        tracing::error!(event_id = %poison.id, reason = %poison.reason, "invalid outbox row in the {what}; halting (sink.on_invalid = halt)");
-                        return Err(RelayError::Halted {
-                            id: poison.id,
-                            reason: poison.reason,
-                            policy_key: "on_invalid",
-                        });
-                    }
-                    ctx.t
-                        .metrics
-                        .poison_events
-                        .with_label_values(&[code, "dead_letter"])
-                        .inc();
-                    tracing::warn!(event_id = %poison.id, reason = %poison.reason, "invalid outbox row in the {what}; sending it to the dead-letter destination");
                     let pos = Position {
                         commit_lsn: 0,
                         commit_time: chrono::Utc::now(),
                         index,
                     };
-                    deadletter::for_row(&poison, &pos, &cfg.cloudevents)
+                    super::invalid(ctx, poison, &pos, &format!(" in the {what}"))?
                 }
             };
             index = index.wrapping_add(1);
@@ -233,14 +212,18 @@ async fn publish(
         ctx.publish_duration
             .observe(started.elapsed().as_secs_f64());
         ctx.t.health.tick();
-        match result {
+        let e = match result {
             Ok(delivered) => {
                 super::sink_recovered(ctx.t);
                 super::delivered(ctx.t, sink, &env, &delivered);
                 m.snapshot_events.inc();
                 return Ok(true);
             }
-            Err(e) if e.is_retryable() => {
+            Err(e) => e,
+        };
+        let on_rejected = ctx.cfg.sink.on_rejected;
+        match policy::on_error(&e, attempt, None, on_rejected, env.dead_letter) {
+            Action::Retry => {
                 super::publish_failed(ctx.t, &e);
                 let wait = backoff::delay(&ctx.cfg.retry, attempt);
                 attempt = attempt.saturating_add(1);
@@ -250,21 +233,21 @@ async fn publish(
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
-            Err(e @ SinkError::Rejected { .. }) => {
-                m.publish_errors
-                    .with_label_values(&[sink, e.reason()])
-                    .inc();
-                match super::rejected(ctx, &env, &e, "an initial snapshot event")? {
-                    Some(dead_letter) => env = dead_letter,
-                    None => return Ok(true),
-                }
-                attempt = 0;
-            }
-            Err(e) => {
+            Action::Fail => {
                 m.publish_errors
                     .with_label_values(&[sink, e.reason()])
                     .inc();
                 return Err(e.into());
+            }
+            action => {
+                m.publish_errors
+                    .with_label_values(&[sink, e.reason()])
+                    .inc();
+                match super::rejected(ctx, &env, &e, action, "an initial snapshot event")? {
+                    Some(dead_letter) => env = dead_letter,
+                    None => return Ok(true),
+                }
+                attempt = 0;
             }
         }
     }
