@@ -8,13 +8,25 @@
 //! `--aggregate-type`.
 
 use std::fmt::Write as _;
+use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::config::{split_table, Config, SinkKind};
+use crate::config::{Config, SinkKind};
 use crate::route::{Field, Fields, Sanitize, Template};
 use crate::sink::kafka::client::{self as kafka_client, ClusterView};
 use crate::sink::Sink;
 use crate::source::control::{Control, Privileges};
+
+/// Runs every check, prints the report, and exits 1 on any FAIL.
+pub async fn run(cfg: &Config, aggregate_types: &[String]) -> ExitCode {
+    let report = checks(cfg, aggregate_types).await;
+    print!("{}", render(&report));
+    if report.iter().all(|c| c.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(super::EXIT_FAILURE)
+    }
+}
 
 /// How long the broker checks wait for an answer.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -84,7 +96,7 @@ async fn version_check(control: &Control) -> Check {
 
 /// Runs all checks; stops early only where later ones cannot run. `aggregate_types`
 /// are sample aggregate types whose Kafka topics are checked by name.
-pub async fn run(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
+pub async fn checks(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
     let mut out = vec![check("config", true, "configuration is valid")];
     let control = match Control::connect(cfg).await {
         Ok(c) => {
@@ -544,61 +556,6 @@ pub fn render(checks: &[Check]) -> String {
     s
 }
 
-/// The SQL `outboxd setup` prints, in two parts: what the table owner (or an
-/// administrator) runs once (table, publication, the relay's role and its grants),
-/// and what the relay role itself does (the slot).
-pub fn setup_sql(cfg: &Config) -> String {
-    use crate::source::control::{create_publication_sql, create_slot_sql, create_table_sql};
-    let p = &cfg.postgres;
-    let (schema, _) = split_table(&p.table);
-    let role = relay_role(cfg);
-    let heartbeat = if p.heartbeat_interval_secs > 0 {
-        format!(
-            "-- heartbeats (PUBLIC has it unless revoked; the signature gained a parameter in 17):\n{}\n",
-            crate::source::version::grant_emit_message_sql(&role)
-        )
-    } else {
-        String::new()
-    };
-    format!(
-        "-- outboxd setup for {table}, relay role {role}\n\
-         --\n\
-         -- PART 1. As the table owner (or an administrator), once.\n\
-         -- The outbox table and its publication (only the owner may publish a table):\n\
-         CREATE SCHEMA IF NOT EXISTS {schema};\n\
-         {}\n\
-         {}\n\
-         -- The relay's role: LOGIN and REPLICATION, not a superuser, not the table owner.\n\
-         -- Set its password with `\\password {role}` (password_encryption = scram-sha-256)\n\
-         -- and allow it in pg_hba.conf over TLS only; its logical replication connection\n\
-         -- matches the database's line, not `replication` lines:\n\
-         --   hostssl <database> {role} <client net> scram-sha-256\n\
-         DO $role$ BEGIN CREATE ROLE {role} LOGIN REPLICATION;\n\
-         EXCEPTION WHEN duplicate_object THEN ALTER ROLE {role} LOGIN REPLICATION; END $role$;\n\
-         GRANT USAGE ON SCHEMA {schema} TO {role};\n\
-         GRANT SELECT ON {table} TO {role}; -- outboxd replay reads the table\n\
-         {heartbeat}\
-         -- Where the relay records its slot, so that a lost slot is never replaced silently:\n\
-         {state}\n\
-         GRANT SELECT, INSERT, UPDATE ON {state_table} TO {role};\n\
-         -- Optional, the table-less outbox. Inside a transaction, call\n\
-         --    SELECT {schema}.outbox_emit('Order', 'o-1', 'OrderPlaced', '{{\"total\": 3}}');\n\
-         {}\n\
-         --\n\
-         -- PART 2. As the relay role {role} (REPLICATION suffices); `outboxd run` also\n\
-         -- does this on first start (postgres.create_slot = true). With the publication\n\
-         -- made by the owner, set postgres.create_publication = false.\n\
-         {}\n",
-        create_table_sql(cfg),
-        create_publication_sql(cfg),
-        crate::source::message::emit_function_sql(schema, &p.message_prefix),
-        create_slot_sql(cfg),
-        table = p.table,
-        state = crate::source::state::create_state_table_sql(cfg),
-        state_table = crate::source::state::state_table(cfg),
-    )
-}
-
 /// `[retention]` needs DELETE on the table and the created_at column.
 async fn retention_check(control: &Control, cfg: &Config) -> Check {
     let (table, created_at) = (&cfg.postgres.table, &cfg.postgres.columns.created_at);
@@ -621,25 +578,6 @@ async fn retention_check(control: &Control, cfg: &Config) -> Check {
             format!("role may not delete from {table}: GRANT DELETE ON {table} TO <role> (or set retention.enabled = false)"),
         ),
         Err(e) => check("retention", false, e.to_string()),
-    }
-}
-
-/// The role `setup` grants to: the user of `postgres.url`, unless that is the
-/// bootstrap superuser or missing (then `outboxd`), quoted where SQL needs it.
-fn relay_role(cfg: &Config) -> String {
-    let user = crate::source::control::pg_config(cfg)
-        .ok()
-        .and_then(|(pg, _)| pg.get_user().map(str::to_string))
-        .filter(|u| u != "postgres")
-        .unwrap_or_else(|| "outboxd".to_string());
-    let plain = user
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !user.starts_with(|c: char| c.is_ascii_digit());
-    if plain {
-        user
-    } else {
-        format!("\"{}\"", user.replace('"', "\"\""))
     }
 }
 

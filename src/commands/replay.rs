@@ -14,11 +14,14 @@
 //!
 //! Failures follow the relay's policy (`relay::policy`) with two differences an
 //! operator at a terminal wants: transient errors are retried with `[retry]`'s
-//! backoff at most [`MAX_RETRIES`] times, and neither an invalid row nor a rejected
+//! backoff at most `MAX_RETRIES` (10) times, and neither an invalid row nor a rejected
 //! event becomes a dead letter: an invalid row is listed and skipped (exit 1), a
 //! rejection stops the replay. The row stays in the table either way.
 
 use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use super::{CommandError, Step};
 
 use crate::backoff;
 use crate::config::{Config, PoisonPolicy, RetryConfig};
@@ -53,6 +56,35 @@ pub enum ReplayError {
     },
 }
 
+/// Replays the rows `sel` picks, under `prefix` + the configured destination when
+/// given, prints the summary, and exits 1 when invalid rows were skipped.
+pub async fn run(
+    mut cfg: Config,
+    sel: &Selection,
+    prefix: Option<String>,
+    dry_run: bool,
+) -> Result<ExitCode, CommandError> {
+    if let Some(p) = prefix {
+        cfg.nats.subject = format!("{p}{}", cfg.nats.subject);
+        cfg.kafka.topic = format!("{p}{}", cfg.kafka.topic);
+    }
+    let s = replay(&cfg, sel, dry_run).await.step("replay failed")?;
+    let verb = if dry_run {
+        "would publish"
+    } else {
+        "published"
+    };
+    println!(
+        "replay: {} rows matched, {verb} {}, {} invalid (skipped, listed above)",
+        s.matched, s.published, s.invalid
+    );
+    Ok(if s.invalid == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(super::EXIT_FAILURE)
+    })
+}
+
 /// What a replay did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -66,7 +98,7 @@ pub struct Summary {
 
 /// Runs a replay. With `dry_run`, counts and prints up to 20 of the events it would
 /// send, and sends nothing.
-pub async fn run(cfg: &Config, sel: &Selection, dry_run: bool) -> Result<Summary, ReplayError> {
+pub async fn replay(cfg: &Config, sel: &Selection, dry_run: bool) -> Result<Summary, ReplayError> {
     let mut control = Control::connect(cfg).await?;
     if let Some(fix) = control
         .privileges(cfg)

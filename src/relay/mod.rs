@@ -103,29 +103,16 @@ pub struct Stopped {
     pub unacknowledged: usize,
 }
 
-/// Runs until `shutdown` is cancelled (returns `Ok`) or a fatal error.
+/// Streams until `shutdown` is cancelled (returns `Ok`) or a fatal error: connects
+/// the sink, then runs sessions (set-up, stream) and reconnects, stands by or waits
+/// for an operator between them. The supervisor (`commands::run`) starts the
+/// monitor, retention and the HTTP endpoints beside it.
 pub async fn run(
-    cfg: Arc<Config>,
-    telemetry: Arc<Telemetry>,
-    shutdown: CancellationToken,
+    cfg: &Config,
+    telemetry: &Telemetry,
+    shutdown: &CancellationToken,
 ) -> Result<Stopped, RelayError> {
-    let monitor = tokio::spawn(crate::source::monitor::run(
-        cfg.clone(),
-        telemetry.clone(),
-        shutdown.child_token(),
-    ));
-    let retention = cfg.retention.enabled.then(|| {
-        tokio::spawn(crate::retention::run(
-            cfg.clone(),
-            telemetry.clone(),
-            shutdown.child_token(),
-        ))
-    });
-    let result = run_sessions(&cfg, &telemetry, &shutdown).await;
-    monitor.abort();
-    if let Some(r) = retention {
-        r.abort();
-    }
+    let result = run_sessions(cfg, telemetry, shutdown).await;
     telemetry.metrics.set_streaming(false);
     result
 }

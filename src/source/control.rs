@@ -319,7 +319,7 @@ impl Control {
                  and apply its SQL as the table owner",
                 p.publication
             ))),
-            None => match self.client.batch_execute(&create_publication_sql(cfg)).await {
+            None => match self.client.batch_execute(&super::sql::create_publication_sql(cfg)).await {
                 Ok(()) => {
                     tracing::info!(publication = %p.publication, table = %p.table, "created publication");
                     Ok(())
@@ -610,49 +610,4 @@ pub fn parse_lsn(s: &str) -> Result<u64, SourceError> {
     pgwire_replication::Lsn::parse(s)
         .map(|l| l.as_u64())
         .map_err(|e| SourceError::Setup(format!("server sent a malformed LSN {s:?}: {e}")))
-}
-
-/// `CREATE PUBLICATION` for the outbox table, inserts only.
-pub fn create_publication_sql(cfg: &Config) -> String {
-    let (schema, table) = split_table(&cfg.postgres.table);
-    format!(
-        "CREATE PUBLICATION {} FOR TABLE {schema}.{table} WITH (publish = 'insert');",
-        cfg.postgres.publication
-    )
-}
-
-/// The default outbox table (see README, "The outbox table").
-pub fn create_table_sql(cfg: &Config) -> String {
-    let (schema, table) = split_table(&cfg.postgres.table);
-    let c = &cfg.postgres.columns;
-    let mut cols = vec![
-        format!("  {} uuid PRIMARY KEY DEFAULT gen_random_uuid()", c.id),
-        format!("  {} text NOT NULL", c.aggregate_type),
-        format!("  {} text NOT NULL", c.aggregate_id),
-        format!("  {} text NOT NULL", c.event_type),
-        format!("  {} jsonb NOT NULL", c.payload),
-    ];
-    for (name, ty) in [
-        (&c.correlation_id, "text"),
-        (&c.causation_id, "text"),
-        (&c.headers, "jsonb"),
-        (&c.created_at, "timestamptz NOT NULL DEFAULT now()"),
-        (&c.content_type, "text"),
-    ] {
-        if !name.is_empty() {
-            cols.push(format!("  {name} {ty}"));
-        }
-    }
-    format!(
-        "CREATE TABLE IF NOT EXISTS {schema}.{table} (\n{}\n);",
-        cols.join(",\n")
-    )
-}
-
-/// `pg_create_logical_replication_slot` for the configured slot.
-pub fn create_slot_sql(cfg: &Config) -> String {
-    format!(
-        "SELECT pg_create_logical_replication_slot('{}', 'pgoutput');",
-        cfg.postgres.slot
-    )
 }

@@ -27,6 +27,7 @@ pub mod monitor;
 pub mod outbox;
 pub mod pgoutput;
 pub mod privileges;
+pub mod sql;
 pub mod state;
 pub mod table;
 pub mod tls;

@@ -42,23 +42,6 @@ pub fn state_table(cfg: &Config) -> String {
     format!("{schema}.{STATE_TABLE}")
 }
 
-/// `CREATE TABLE` of the state table (part of `outboxd setup`).
-pub fn create_state_table_sql(cfg: &Config) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {} (\n  \
-           slot_name text PRIMARY KEY,\n  \
-           publication text NOT NULL,\n  \
-           publication_oid oid NOT NULL,\n  \
-           table_oid oid NOT NULL,\n  \
-           confirmed_lsn pg_lsn NOT NULL,\n  \
-           confirmed_at timestamptz NOT NULL,\n  \
-           replay_from_xid xid8,\n  \
-           resync text\n\
-         );",
-        state_table(cfg)
-    )
-}
-
 /// Whether this connection can keep the slot's record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StateAccess {
@@ -75,7 +58,7 @@ fn state_fix(cfg: &Config) -> String {
     format!(
         "as the table owner, run: {} GRANT SELECT, INSERT, UPDATE ON {} TO <relay role>; (part 1 \
          of `outboxd setup`)",
-        create_state_table_sql(cfg).replace('\n', " "),
+        super::sql::create_state_table_sql(cfg).replace('\n', " "),
         state_table(cfg)
     )
 }
@@ -314,7 +297,7 @@ impl Control {
         if !exists {
             if let Err(e) = self
                 .client
-                .batch_execute(&create_state_table_sql(cfg))
+                .batch_execute(&super::sql::create_state_table_sql(cfg))
                 .await
             {
                 // Replicas starting together race to create it: `IF NOT EXISTS` is

@@ -1,6 +1,6 @@
 //! Reading the outbox table itself, inside one snapshot, instead of the stream:
 //! `outboxd replay` and the initial snapshot both pick rows with a [`Selection`],
-//! bind the stream's column mapping to the table's current columns ([`plan`]) and
+//! bind the stream's column mapping to the table's current columns (`plan`) and
 //! read them with a cursor in `created_at` (when mapped) then id order. Never touches
 //! the slot.
 
