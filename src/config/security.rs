@@ -1,11 +1,10 @@
-//! Secrets and credentials of `[nats]` and `[http]`: reading their `*_file` keys,
-//! checking `[http]`'s endpoint credentials at start-up (naming the key to change),
-//! and [`redact_url`] for every place a connection URL might be shown. What the
-//! `[nats]` credentials mean is checked by the sink (`sink::nats::auth`).
+//! Secrets of `[nats]` and `[http]`: reading their `*_file` keys, and [`redact_url`]
+//! for every place a connection URL might be shown. What the `[nats]` credentials
+//! mean is checked by the sink (`sink::nats::auth`), `[http]`'s by `config::http`.
 //!
 //! Never puts a secret's value into an error: messages name keys and paths only.
 
-use super::{invalid, read_secret, Config, ConfigError, HttpConfig, Secret};
+use super::{read_secret, Config, ConfigError, Secret};
 
 impl Config {
     /// Replaces each secret by the content of its `*_file` key, when that is set.
@@ -38,38 +37,6 @@ impl Config {
             }
         }
         Ok(())
-    }
-}
-
-impl HttpConfig {
-    /// Start-up checks of the endpoint credentials.
-    pub(super) fn validate_auth(&self) -> Result<(), ConfigError> {
-        if self.basic_auth_user.is_empty() != self.basic_auth_password.is_empty() {
-            return Err(if self.basic_auth_user.is_empty() {
-                invalid(
-                    "http.basic_auth_user",
-                    "missing: a basic auth password is set, so set the user",
-                )
-            } else {
-                invalid(
-                    "http.basic_auth_password",
-                    "missing: http.basic_auth_user needs http.basic_auth_password or \
-                     http.basic_auth_password_file",
-                )
-            });
-        }
-        if self.basic_auth_user.contains(':') {
-            return Err(invalid(
-                "http.basic_auth_user",
-                "must not contain ':' (RFC 7617)",
-            ));
-        }
-        Ok(())
-    }
-
-    /// True when `/metrics` and `/status` need credentials.
-    pub fn auth_enabled(&self) -> bool {
-        !self.bearer_token.is_empty() || !self.basic_auth_user.is_empty()
     }
 }
 
