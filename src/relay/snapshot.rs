@@ -33,7 +33,7 @@ use futures::stream::{self, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
 use super::policy::{self, Action};
-use super::{Ctx, RelayError};
+use super::{outcome, Ctx, RelayError};
 use crate::backoff;
 use crate::event::{table_envelope, Envelope, Position};
 use crate::source::control::{Control, SlotInfo};
@@ -165,7 +165,7 @@ async fn publish_rows(
                         commit_time: chrono::Utc::now(),
                         index,
                     };
-                    super::invalid(ctx, poison, &pos, &format!(" in the {what}"))?
+                    outcome::invalid(ctx, poison, &pos, &format!(" in the {what}"))?
                 }
             };
             index = index.wrapping_add(1);
@@ -214,8 +214,8 @@ async fn publish(
         ctx.t.health.tick();
         let e = match result {
             Ok(delivered) => {
-                super::sink_recovered(ctx.t);
-                super::delivered(ctx.t, sink, &env, &delivered);
+                outcome::sink_recovered(ctx.t);
+                outcome::delivered(ctx.t, sink, &env, &delivered);
                 m.snapshot_events.inc();
                 return Ok(true);
             }
@@ -224,7 +224,7 @@ async fn publish(
         let on_rejected = ctx.cfg.sink.on_rejected;
         match policy::on_error(&e, attempt, None, on_rejected, env.dead_letter) {
             Action::Retry => {
-                super::publish_failed(ctx.t, &e);
+                outcome::publish_failed(ctx.t, &e);
                 let wait = backoff::delay(&ctx.cfg.retry, attempt);
                 attempt = attempt.saturating_add(1);
                 tracing::debug!(event_id = %env.event.id(), attempt, reason = e.reason(), error = %e, retry_in_ms = wait.as_millis() as u64, "initial snapshot: publish failed; retrying");
@@ -243,7 +243,7 @@ async fn publish(
                 m.publish_errors
                     .with_label_values(&[sink, e.reason()])
                     .inc();
-                match super::rejected(ctx, &env, &e, action, "an initial snapshot event")? {
+                match outcome::rejected(ctx, &env, &e, action, "an initial snapshot event")? {
                     Some(dead_letter) => env = dead_letter,
                     None => return Ok(true),
                 }
