@@ -185,22 +185,31 @@ impl Control {
         table: &str,
     ) -> Result<Option<Vec<(String, String)>>, SourceError> {
         let (schema, name) = split_table(table);
-        let rows = self
-            .client
+        let rows = self.attributes(schema, name).await?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(rows.iter().map(|r| (r.get(1), r.get(3))).collect()))
+    }
+
+    /// The live columns of `schema.table` in order, one row each: the table's oid,
+    /// the column's name, type oid and type as SQL writes it. Empty if no such table.
+    pub(super) async fn attributes(
+        &self,
+        schema: &str,
+        table: &str,
+    ) -> Result<Vec<tokio_postgres::Row>, SourceError> {
+        self.client
             .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
+                "SELECT c.oid, a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod) \
                  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
                  JOIN pg_namespace n ON n.oid = c.relnamespace \
                  WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
                  ORDER BY a.attnum",
-                &[&schema, &name],
+                &[&schema, &table],
             )
             .await
-            .map_err(SourceError::query)?;
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
+            .map_err(SourceError::query)
     }
 
     /// Whether the connected role may delete from `table` (retention).

@@ -214,18 +214,7 @@ impl Snapshot<'_> {
 impl Control {
     /// The table's columns (names and type OIDs), as a Relation message would give them.
     pub async fn relation(&self, schema: &str, table: &str) -> Result<Relation, SourceError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT c.oid, a.attname::text, a.atttypid \
-                 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
-                 JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
-                 ORDER BY a.attnum",
-                &[&schema, &table],
-            )
-            .await
-            .map_err(SourceError::query)?;
+        let rows = self.attributes(schema, table).await?;
         let Some(first) = rows.first() else {
             return Err(SourceError::Setup(format!(
                 "table {schema}.{table} does not exist"
