@@ -133,8 +133,8 @@ fn main() -> ExitCode {
     // Read before the config so that a config error can say why (a URL in
     // OUTBOXD_POSTGRES_URL is "missing"); logged once logging runs.
     let unused_env = outboxd::config::unused_env_vars();
-    let cfg = match commands::load_config(c.config.as_deref()) {
-        Ok(mut cfg) => {
+    let (cfg, routes) = match commands::load_config(c.config.as_deref()) {
+        Ok((mut cfg, routes)) => {
             if let Command::Run {
                 allow_new_slot,
                 resync_table,
@@ -144,7 +144,7 @@ fn main() -> ExitCode {
                 cfg.postgres.allow_new_slot |= allow_new_slot;
                 cfg.postgres.resync_table |= resync_table;
             }
-            cfg
+            (cfg, routes)
         }
         Err(e) => {
             for u in &unused_env {
@@ -197,10 +197,10 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run { .. } => commands::run::run(cfg).await,
+            Command::Run { .. } => commands::run::run(cfg, routes).await,
             Command::Check {
                 aggregate_types, ..
-            } => Ok(commands::check::run(&cfg, &aggregate_types).await),
+            } => Ok(commands::check::run(&cfg, &routes, &aggregate_types).await),
             Command::Replay {
                 from,
                 to,

@@ -13,6 +13,7 @@ pub mod setup;
 use std::path::Path;
 
 use crate::config::{Config, ConfigError};
+use crate::sink::Routes;
 
 /// Exit code of a command that ran but failed (a FAIL check, an invalid row).
 pub const EXIT_FAILURE: u8 = 1;
@@ -57,12 +58,17 @@ impl<T, E: std::error::Error + Send + Sync + 'static> Step<T> for Result<T, E> {
 /// Loads the configuration ([`Config::load`]: defaults, file, environment, shape
 /// checks), then checks what its values mean in the modules that own the meaning:
 /// Postgres's URL and TLS settings (`source::tls`), the sink's templates and NATS
-/// credentials (`sink::validate`). Every error names the key; `main` exits 78.
-pub fn load_config(file: Option<&Path>) -> Result<Config, ConfigError> {
+/// credentials (`sink::validate`), which returns the parsed templates the sink then
+/// uses. Every error names the key; `main` exits 78.
+///
+/// The Postgres settings are resolved again at every connect (`control::pg_config`),
+/// not kept from here: that re-reads `postgres.password_file`, so a rotated password
+/// is picked up on the next reconnect.
+pub fn load_config(file: Option<&Path>) -> Result<(Config, Routes), ConfigError> {
     let cfg = Config::load(file)?;
     crate::source::tls::resolve(&cfg.postgres).map_err(|e| match e {
         crate::source::tls::TlsError::Invalid { key, reason } => ConfigError::invalid(&key, reason),
     })?;
-    crate::sink::validate(&cfg)?;
-    Ok(cfg)
+    let routes = crate::sink::validate(&cfg)?;
+    Ok((cfg, routes))
 }

@@ -27,7 +27,7 @@ use crate::backoff;
 use crate::config::{Config, PoisonPolicy, RetryConfig};
 use crate::event::{table_envelope, Envelope};
 use crate::relay::policy::{self, Action};
-use crate::sink::{Sink, SinkError};
+use crate::sink::{Routes, Sink, SinkError};
 use crate::source::control::Control;
 pub use crate::source::table::Selection;
 use crate::source::table::{plan, PlanError};
@@ -68,7 +68,11 @@ pub async fn run(
         cfg.nats.subject = format!("{p}{}", cfg.nats.subject);
         cfg.kafka.topic = format!("{p}{}", cfg.kafka.topic);
     }
-    let s = replay(&cfg, sel, dry_run).await.step("replay failed")?;
+    // The prefix makes other templates: parsed (and checked) here, once.
+    let routes = crate::sink::validate(&cfg).map_err(CommandError::other)?;
+    let s = replay(&cfg, &routes, sel, dry_run)
+        .await
+        .step("replay failed")?;
     let verb = if dry_run {
         "would publish"
     } else {
@@ -98,7 +102,12 @@ pub struct Summary {
 
 /// Runs a replay. With `dry_run`, counts and prints up to 20 of the events it would
 /// send, and sends nothing.
-pub async fn replay(cfg: &Config, sel: &Selection, dry_run: bool) -> Result<Summary, ReplayError> {
+pub async fn replay(
+    cfg: &Config,
+    routes: &Routes,
+    sel: &Selection,
+    dry_run: bool,
+) -> Result<Summary, ReplayError> {
     let mut control = Control::connect(cfg).await?;
     if let Some(fix) = control
         .privileges(cfg)
@@ -112,7 +121,7 @@ pub async fn replay(cfg: &Config, sel: &Selection, dry_run: bool) -> Result<Summ
         None
     } else {
         Some(
-            Sink::connect(cfg, None)
+            Sink::connect(cfg, routes, None)
                 .await
                 .map_err(|source| ReplayError::Sink {
                     id: "-".into(),

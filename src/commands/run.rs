@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{CommandError, Step};
 use crate::config::{Config, ReadinessMode};
+use crate::sink::Routes;
 use crate::telemetry::{Health, Metrics, Readiness, Telemetry};
 
 /// After the relay stopped: how long the HTTP server may take to close its
@@ -17,7 +18,7 @@ use crate::telemetry::{Health, Metrics, Readiness, Telemetry};
 const HTTP_STOP_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Runs the relay until SIGTERM/SIGINT (then drains) or a fatal error.
-pub async fn run(cfg: Config) -> Result<ExitCode, CommandError> {
+pub async fn run(cfg: Config, routes: Routes) -> Result<ExitCode, CommandError> {
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
     tracing::info!(version = env!("CARGO_PKG_VERSION"), sink = ?cfg.sink.kind, slot = %cfg.postgres.slot, http = %cfg.http.listen, "outboxd starting");
@@ -52,7 +53,7 @@ pub async fn run(cfg: Config) -> Result<ExitCode, CommandError> {
             shutdown.child_token(),
         ))
     });
-    let result = crate::relay::run(&cfg, &telemetry, &shutdown).await;
+    let result = crate::relay::run(&cfg, &routes, &telemetry, &shutdown).await;
     monitor.abort();
     if let Some(r) = retention {
         r.abort();

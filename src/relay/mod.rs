@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff;
 use crate::config::Config;
-use crate::sink::{Sink, SinkError};
+use crate::sink::{Routes, Sink, SinkError};
 use crate::source::SourceError;
 use crate::telemetry::{Role, Telemetry};
 
@@ -96,20 +96,22 @@ pub struct Stopped {
 /// monitor, retention and the HTTP endpoints beside it.
 pub async fn run(
     cfg: &Config,
+    routes: &Routes,
     telemetry: &Telemetry,
     shutdown: &CancellationToken,
 ) -> Result<Stopped, RelayError> {
-    let result = run_sessions(cfg, telemetry, shutdown).await;
+    let result = run_sessions(cfg, routes, telemetry, shutdown).await;
     telemetry.metrics.set_streaming(false);
     result
 }
 
 async fn run_sessions(
     cfg: &Config,
+    routes: &Routes,
     t: &Telemetry,
     shutdown: &CancellationToken,
 ) -> Result<Stopped, RelayError> {
-    let connect = || Sink::connect(cfg, Some(&t.metrics));
+    let connect = || Sink::connect(cfg, routes, Some(&t.metrics));
     let Some(sink) = retrying(cfg, t, shutdown, "connect to the broker", "broker", connect).await?
     else {
         return Ok(Stopped::default());

@@ -111,25 +111,31 @@ pub enum Sink {
 }
 
 impl Sink {
-    /// Connects the sink named by `[sink] kind`. With `metrics`, the sink counts what
+    /// Connects the sink named by `[sink] kind` (`routes`, from [`validate`]). With `metrics`, the sink counts what
     /// it does by itself: broker connections re-established after a loss
     /// (`outboxd_reconnects_total{component="broker"}`) and Kafka producer
     /// replacements.
-    pub async fn connect(cfg: &Config, metrics: Option<&Metrics>) -> Result<Self, SinkError> {
-        match cfg.sink.kind {
-            SinkKind::Stdout => Ok(Sink::Stdout(stdout::StdoutSink::new())),
-            SinkKind::Nats => Ok(Sink::Nats(
+    pub async fn connect(
+        cfg: &Config,
+        routes: &Routes,
+        metrics: Option<&Metrics>,
+    ) -> Result<Self, SinkError> {
+        match routes {
+            Routes::Stdout => Ok(Sink::Stdout(stdout::StdoutSink::new())),
+            Routes::Nats { subject } => Ok(Sink::Nats(
                 nats::NatsSink::connect(
                     &cfg.nats,
+                    subject.clone(),
                     &cfg.retry,
                     metrics.map(|m| m.reconnects.with_label_values(&["broker"])),
                 )
                 .await?,
             )),
-            SinkKind::Kafka => {
+            Routes::Kafka { topic, key } => {
                 let replacements = metrics.map(|m| m.producer_replacements.clone());
                 Ok(Sink::Kafka(
-                    kafka::KafkaSink::connect(&cfg.kafka, replacements).await?,
+                    kafka::KafkaSink::connect(&cfg.kafka, topic.clone(), key.clone(), replacements)
+                        .await?,
                 ))
             }
         }
@@ -154,27 +160,47 @@ impl Sink {
     }
 }
 
+/// The destinations of the configured sink, parsed once at start-up by [`validate`]
+/// and handed to [`Sink::connect`].
+#[derive(Debug, Clone)]
+pub enum Routes {
+    /// stdout routes nothing.
+    Stdout,
+    /// NATS.
+    Nats {
+        /// `nats.subject`.
+        subject: Template,
+    },
+    /// Kafka.
+    Kafka {
+        /// `kafka.topic`.
+        topic: Template,
+        /// `kafka.key`.
+        key: Template,
+    },
+}
+
 /// What the sink's settings mean, checked right after the config loads (the config
-/// itself checks only their shape): the routing templates parse, and NATS's
-/// credentials and TLS files make sense. Each error names the key to change.
-pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
+/// itself checks only their shape): NATS's credentials and TLS files make sense, and
+/// the routing templates parse; they are returned, parsed, for [`Sink::connect`].
+/// Each error names the key to change.
+pub fn validate(cfg: &Config) -> Result<Routes, ConfigError> {
     let template = |key: &str, text: &str| {
-        Template::parse(text)
-            .map(drop)
-            .map_err(|e| ConfigError::invalid(key, e.to_string()))
+        Template::parse(text).map_err(|e| ConfigError::invalid(key, e.to_string()))
     };
-    match cfg.sink.kind {
+    Ok(match cfg.sink.kind {
         SinkKind::Nats => {
             cfg.nats.validate_security()?;
-            template("nats.subject", &cfg.nats.subject)?;
+            Routes::Nats {
+                subject: template("nats.subject", &cfg.nats.subject)?,
+            }
         }
-        SinkKind::Kafka => {
-            template("kafka.topic", &cfg.kafka.topic)?;
-            template("kafka.key", &cfg.kafka.key)?;
-        }
-        SinkKind::Stdout => {}
-    }
-    Ok(())
+        SinkKind::Kafka => Routes::Kafka {
+            topic: template("kafka.topic", &cfg.kafka.topic)?,
+            key: template("kafka.key", &cfg.kafka.key)?,
+        },
+        SinkKind::Stdout => Routes::Stdout,
+    })
 }
 
 /// The attributes and extensions outboxd writes on every event, and their header names

@@ -2,20 +2,24 @@
 //! Kafka's cluster metadata and which target topics exist.
 
 use super::{check, Check, BROKER_TIMEOUT};
-use crate::config::{Config, SinkKind};
+use crate::config::Config;
 use crate::route::{Field, Fields, Sanitize, Template};
 use crate::sink::kafka::client::{self as kafka_client, ClusterView};
-use crate::sink::Sink;
+use crate::sink::{Routes, Sink};
 
-pub(super) async fn sink_check(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
-    let name = match cfg.sink.kind {
-        SinkKind::Stdout => return vec![check("sink", true, "stdout needs no broker")],
-        SinkKind::Nats => "nats",
-        SinkKind::Kafka => return kafka_checks(cfg, aggregate_types).await,
+pub(super) async fn sink_check(
+    cfg: &Config,
+    routes: &Routes,
+    aggregate_types: &[String],
+) -> Vec<Check> {
+    let name = match routes {
+        Routes::Stdout => return vec![check("sink", true, "stdout needs no broker")],
+        Routes::Nats { .. } => "nats",
+        Routes::Kafka { topic, .. } => return kafka_checks(cfg, topic, aggregate_types).await,
     };
     let label = format!("{name} broker");
     vec![
-        match tokio::time::timeout(BROKER_TIMEOUT, Sink::connect(cfg, None)).await {
+        match tokio::time::timeout(BROKER_TIMEOUT, Sink::connect(cfg, routes, None)).await {
             Ok(Ok(_)) => check(
                 &label,
                 true,
@@ -38,7 +42,7 @@ pub(super) async fn sink_check(cfg: &Config, aggregate_types: &[String]) -> Vec<
     ]
 }
 
-async fn kafka_checks(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
+async fn kafka_checks(cfg: &Config, topic: &Template, aggregate_types: &[String]) -> Vec<Check> {
     let k = &cfg.kafka;
     let view = match kafka_client::inspect(k, BROKER_TIMEOUT).await {
         Ok(v) => v,
@@ -60,10 +64,7 @@ async fn kafka_checks(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
             view.topics.len()
         ),
     )];
-    match Template::parse(&k.topic) {
-        Ok(t) => out.extend(topic_checks(&t, &view, aggregate_types)),
-        Err(e) => out.push(check("kafka topic", false, format!("kafka.topic: {e}"))),
-    }
+    out.extend(topic_checks(topic, &view, aggregate_types));
     out
 }
 

@@ -16,11 +16,12 @@ use std::time::Duration;
 use broker::sink_check;
 
 use crate::config::Config;
+use crate::sink::Routes;
 use crate::source::control::{Control, Privileges};
 
 /// Runs every check, prints the report, and exits 1 on any FAIL.
-pub async fn run(cfg: &Config, aggregate_types: &[String]) -> ExitCode {
-    let report = checks(cfg, aggregate_types).await;
+pub async fn run(cfg: &Config, routes: &Routes, aggregate_types: &[String]) -> ExitCode {
+    let report = checks(cfg, routes, aggregate_types).await;
     print!("{}", render(&report));
     if report.iter().all(|c| c.ok) {
         ExitCode::SUCCESS
@@ -97,7 +98,7 @@ async fn version_check(control: &Control) -> Check {
 
 /// Runs all checks; stops early only where later ones cannot run. `aggregate_types`
 /// are sample aggregate types whose Kafka topics are checked by name.
-pub async fn checks(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
+pub async fn checks(cfg: &Config, routes: &Routes, aggregate_types: &[String]) -> Vec<Check> {
     let mut out = vec![check("config", true, "configuration is valid")];
     let control = match Control::connect(cfg).await {
         Ok(c) => {
@@ -110,7 +111,7 @@ pub async fn checks(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
                 false,
                 format!("{e}: check postgres.url and that the server is reachable"),
             ));
-            out.extend(sink_check(cfg, aggregate_types).await);
+            out.extend(sink_check(cfg, routes, aggregate_types).await);
             return out;
         }
     };
@@ -275,7 +276,7 @@ pub async fn checks(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
         Err(e) => out.push(check("replication slot", false, e.to_string())),
     }
     out.push(record_check(&control, cfg).await);
-    out.extend(sink_check(cfg, aggregate_types).await);
+    out.extend(sink_check(cfg, routes, aggregate_types).await);
     out
 }
 

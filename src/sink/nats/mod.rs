@@ -69,9 +69,11 @@ struct Events {
 }
 
 impl NatsSink {
-    /// Connects (TLS and credentials from `[nats]`), then finds (or creates) the stream.
+    /// Connects (TLS and credentials from `[nats]`), then finds (or creates) the stream;
+    /// publishes to `subject` (`nats.subject`, parsed by [`crate::sink::validate`]).
     pub async fn connect(
         cfg: &NatsConfig,
+        subject: Template,
         retry: &RetryConfig,
         reconnects: Option<IntCounter>,
     ) -> Result<Self, SinkError> {
@@ -86,10 +88,6 @@ impl NatsSink {
         let mut js = jetstream::new(client.clone());
         js.set_timeout(Duration::from_millis(cfg.ack_timeout_ms));
         ensure_stream(&js, cfg).await?;
-        let subject = Template::parse(&cfg.subject).map_err(|e| SinkError::Fatal {
-            sink: SINK,
-            detail: format!("nats.subject: {e}"),
-        })?;
         Ok(Self {
             client,
             js,
