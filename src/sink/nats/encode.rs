@@ -42,7 +42,7 @@ pub fn encode(
                 header_value(event.id()).as_ref(),
             );
             for (name, value) in event.iter_attributes() {
-                let value = header_text(crate::sink::attribute_text(&value));
+                let value = header_text(crate::sink::binding::attribute_text(&value));
                 if name == "datacontenttype" {
                     h.append(HeaderName::from_static("content-type"), value);
                 } else {
@@ -53,7 +53,7 @@ pub fn encode(
                 append_ce(
                     &mut h,
                     name,
-                    header_text(crate::sink::extension_text(value)),
+                    header_text(crate::sink::binding::extension_text(value)),
                 );
             }
             let body = match event.data() {
@@ -90,7 +90,7 @@ fn binary_headers() -> HeaderMap {
         .get_or_init(|| {
             let names: serde_json::Map<String, serde_json::Value> = [MSG_ID, "content-type"]
                 .into_iter()
-                .chain(crate::sink::ce_header_names('-'))
+                .chain(crate::sink::binding::ce_header_names('-'))
                 .map(|n| (n.to_string(), serde_json::Value::Array(Vec::new())))
                 .collect();
             serde_json::from_value(serde_json::json!({ "inner": names })).unwrap_or_default()
@@ -101,7 +101,7 @@ fn binary_headers() -> HeaderMap {
 /// Appends `ce-<name>`; the names outboxd always writes are static (and in the
 /// template of [`binary_headers`]).
 fn append_ce(h: &mut HeaderMap, name: &str, value: String) {
-    match crate::sink::ce_header_name(name, '-') {
+    match crate::sink::binding::ce_header_name(name, '-') {
         Cow::Borrowed(known) => h.append(HeaderName::from_static(known), value),
         Cow::Owned(other) => h.append(other, value),
     }
