@@ -83,8 +83,10 @@ psql_ -c "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload)
           FROM generate_series(1001, 2000) g;"
 "$bin" run --config "$root/outboxd.toml" 2>>"$root/outboxd.log" & relay_pid=$!
 target/debug/examples/nats_tail "nats://127.0.0.1:$nats_port" OUTBOX 2002 | tail -1
-echo "==> slot position (moves only after JetStream acknowledged):"
-psql_ -c "SELECT slot_name, confirmed_flush_lsn, pg_current_wal_lsn() FROM pg_replication_slots"
-kill -TERM "$relay_pid"; wait "$relay_pid" && echo "==> outboxd exited 0 on SIGTERM"
+last_event_lsn=$(psql_ -At -c "SELECT pg_current_wal_lsn()")
+kill -TERM "$relay_pid"; wait "$relay_pid" && echo "==> outboxd exited 0 on SIGTERM (its last status update confirmed what JetStream acknowledged)"
 relay_pid=
+echo "==> slot position: confirmed past every event (the WAL was at $last_event_lsn after the last one was stored)"
+psql_ -c "SELECT slot_name, confirmed_flush_lsn, confirmed_flush_lsn >= '$last_event_lsn'::pg_lsn AS past_every_event
+          FROM pg_replication_slots"
 echo "demo done; logs in $root"

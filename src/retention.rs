@@ -114,6 +114,9 @@ async fn round(
     let mut total = 0;
     while !shutdown.is_cancelled() && t.health.role() == Role::Streaming {
         let n = c.execute(sql, &[&older_than, &watermark]).await?;
+        if n > 0 {
+            tracing::debug!(rows = n, "retention: deleted a batch");
+        }
         t.metrics.retention_deleted_rows.inc_by(n);
         total += n;
         if n < u64::from(cfg.retention.batch_size) {

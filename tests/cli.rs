@@ -199,6 +199,38 @@ async fn stdout_sink_prints_one_structured_event_per_line() {
 }
 
 #[test]
+fn a_librdkafka_property_it_refuses_exits_78_naming_the_key() {
+    let kafka = |props: &str| {
+        format!(
+            "[postgres]\nurl = \"postgres://h/db\"\n[sink]\nkind = \"kafka\"\n\
+             [kafka]\nbrokers = \"127.0.0.1:1\"\n[kafka.properties]\n{props}\n"
+        )
+    };
+    // An unknown property: named, exit 78, before anything connects
+    let o = outboxd(&["run"], Some(&kafka("\"foo.bar\" = \"1\"")), &[]);
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("kafka.properties.\"foo.bar\": librdkafka refuses it"),
+        "{}",
+        stderr(&o)
+    );
+    // A value it refuses: named, and the (not secret) value is shown, not blanked
+    let o = outboxd(
+        &["check"],
+        Some(&kafka("\"compression.type\" = \"zstdx\"")),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(78), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("kafka.properties.\"compression.type\"")
+            && e.contains("\"zstdx\"")
+            && !e.contains("[redacted]"),
+        "{e}"
+    );
+}
+
+#[test]
 fn every_shipped_config_file_loads() {
     // Given the example configs of config/ and deploy/, when outboxd loads each one
     let mut files = Vec::new();

@@ -18,7 +18,7 @@ use support::faults::{
 };
 use support::{
     assert_delivered_once, assert_per_aggregate_order, config, free_port, insert_event, metric,
-    read_stream, scrape, seed, stream_len, wait_for, Nats, Postgres, Relay,
+    read_stream, scrape, scraped, seed, stream_len, wait_for, Nats, Postgres, Relay,
 };
 
 const STREAM: &str = "OUTBOX";
@@ -194,7 +194,7 @@ async fn postgres_not_accepting_connections_yet_is_retried() {
     let mut relay = Relay::spawn(&config(&pg, None, &[("http", "listen", &listen)]));
     // Then it keeps retrying rather than exiting
     let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(&scrape(port), PG_RECONNECTS).unwrap_or(0.0) < 3.0 {
+    while !scraped(port, |t| metric(t, PG_RECONNECTS).unwrap_or(0.0) >= 3.0) {
         if let Some(status) = relay.try_exit() {
             panic!(
                 "the relay exited ({status}) instead of retrying: {}",

@@ -17,7 +17,7 @@ use support::faults::{
 };
 use support::{
     assert_delivered_once, assert_per_aggregate_order, config, free_port, insert_event, metric,
-    read_stream, scrape, wait_for, Nats, Postgres, Relay,
+    read_stream, scraped, wait_for, Nats, Postgres, Relay,
 };
 
 const STREAM: &str = "OUTBOX";
@@ -298,7 +298,7 @@ async fn unreachable_broker_at_start_is_retried_then_delivered() {
     let broker_retries = |t: &str| metric(t, r#"outboxd_reconnects_total{component="broker"}"#);
     assert!(
         wait_for(Duration::from_secs(20), || async {
-            broker_retries(&scrape(port)).unwrap_or(0.0) >= 3.0
+            scraped(port, |t| broker_retries(t).unwrap_or(0.0) >= 3.0)
         })
         .await,
         "no broker retries counted:\n{}",

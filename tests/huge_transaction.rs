@@ -1,9 +1,11 @@
-//! Black-box: one transaction of 1,000,000 rows is relayed completely with memory
-//! bounded by `sink.max_in_flight`, not by the transaction's size, and without a
+//! Black-box: one transaction of 1,000,000 rows is relayed completely (every id once,
+//! each aggregate in commit order, the slot confirmed past it) with memory bounded by
+//! `sink.max_in_flight`, not by the transaction's size, and without a
 //! `wal_sender_timeout` disconnect while the broker works through it.
 
 use crate::support;
 
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use support::{config, free_port, http_get, metric, stream_len, wait_for, Nats, Postgres, Relay};
@@ -17,6 +19,40 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Reads the whole stream with an ordered consumer (a million single-message reads
+/// would take minutes); returns the set of ids and checks on the way that every
+/// aggregate's `n` grows and no id comes twice.
+async fn every_id_in_order(js: &async_nats::jetstream::Context) -> HashSet<String> {
+    use async_nats::jetstream::consumer::pull::OrderedConfig;
+    use futures::StreamExt;
+    let stream = js.get_stream("OUTBOX").await.expect("stream");
+    let consumer = stream
+        .create_consumer(OrderedConfig::default())
+        .await
+        .expect("ordered consumer");
+    let mut messages = consumer.messages().await.expect("messages");
+    let mut ids = HashSet::with_capacity(ROWS as usize);
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for i in 0..ROWS {
+        let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
+            .await
+            .unwrap_or_else(|_| panic!("message {i} of {ROWS} did not come"))
+            .expect("the stream of messages ended")
+            .expect("message");
+        let headers = m.headers.as_ref().expect("headers");
+        let id = headers.get("ce-id").expect("ce-id").to_string();
+        let agg = headers.get("ce-subject").expect("ce-subject").to_string();
+        let n = serde_json::from_slice::<serde_json::Value>(&m.payload).expect("json")["n"]
+            .as_i64()
+            .expect("n");
+        if let Some(prev) = last.insert(agg.clone(), n) {
+            assert!(n > prev, "{agg}: {n} after {prev}");
+        }
+        assert!(ids.insert(id.clone()), "{id} twice");
+    }
+    ids
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,6 +88,8 @@ async fn a_million_row_transaction_is_relayed_with_bounded_memory() {
         .await
         .expect("bulk insert");
     let inserted = started.elapsed();
+    // (the WAL position after the commit: at or past the transaction's end)
+    let end = pg.current_lsn().await;
 
     // Then every row arrives
     let js = nats.jetstream().await;
@@ -65,24 +103,30 @@ async fn a_million_row_transaction_is_relayed_with_bounded_memory() {
     );
     let relayed = started.elapsed();
     assert_eq!(stream_len(&js, "OUTBOX").await, ROWS);
-    // and the slot is confirmed past the transaction
-    let end = pg.current_lsn().await;
+    // each row once, by id, and each aggregate's rows in commit (n) order
+    let sent = pg.outbox_ids().await;
+    assert_eq!(sent.len() as u64, ROWS);
+    let got = every_id_in_order(&js).await;
     assert!(
-        wait_for(Duration::from_secs(30), || async {
+        got == sent,
+        "{} ids differ",
+        got.symmetric_difference(&sent).count()
+    );
+    // and the slot is confirmed past the transaction
+    assert!(
+        wait_for(Duration::from_secs(60), || async {
             pg.confirmed_lsn("outboxd").await.unwrap_or(0) >= end
-                || metric(
-                    &http_get(port, "/metrics").map(|r| r.1).unwrap_or_default(),
-                    "outboxd_events_in_flight",
-                ) == Some(0.0)
         })
-        .await
+        .await,
+        "confirmed {:X?}, the transaction ends before {end:X}",
+        pg.confirmed_lsn("outboxd").await
     );
     // with the same replication connection all along (no wal_sender_timeout reset)
     assert_eq!(pg.slot_active_pid("outboxd").await, pid_before);
     let text = http_get(port, "/metrics").expect("scrape").1;
     assert_eq!(
         metric(&text, "outboxd_reconnects_total{component=\"postgres\"}"),
-        None
+        Some(0.0)
     );
     // and memory stayed far below the transaction's size (~300 MB of events)
     let peak = peak_rss_kib(relay.pid()).expect("VmHWM");

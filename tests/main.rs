@@ -26,6 +26,7 @@ mod retention;
 mod secrets;
 mod security_nats;
 mod security_postgres;
+mod shipped_configs;
 mod slot_loss;
 mod slot_record;
 mod snapshot;

@@ -5,13 +5,10 @@ use crate::support;
 
 use std::time::Duration;
 
-use support::{config, free_port, http_get, metric, metric_sum, wait_for, Nats, Postgres, Relay};
-
-fn scrape(port: u16) -> String {
-    http_get(port, "/metrics")
-        .map(|(_, b)| b)
-        .unwrap_or_default()
-}
+use support::{
+    config, free_port, http_get, metric, metric_sum, scrape, scraped, wait_for, Nats, Postgres,
+    Relay,
+};
 
 async fn insert_rows(pg: &Postgres, n: usize, agg: &str) {
     let db = pg.client().await;
@@ -50,7 +47,7 @@ async fn metrics_follow_a_broker_outage_and_probes_stay_green() {
     let published = |t: &str| metric_sum(t, "outboxd_events_published_total");
     assert!(
         wait_for(Duration::from_secs(20), || async {
-            published(&scrape(port)) >= 20.0
+            scraped(port, |t| published(t) >= 20.0)
         })
         .await,
         "{}",
@@ -78,10 +75,11 @@ async fn metrics_follow_a_broker_outage_and_probes_stay_green() {
     // Then lag grows, errors are counted, nothing is published, probes stay green
     assert!(
         wait_for(Duration::from_secs(20), || async {
-            let t = scrape(port);
-            metric(&t, "outboxd_replication_lag_bytes").unwrap_or(0.0) > 0.0
-                && metric(&t, "outboxd_lag_seconds").unwrap_or(0.0) > 0.0
-                && metric_sum(&t, "outboxd_publish_errors_total") > 0.0
+            scraped(port, |t| {
+                metric(t, "outboxd_replication_lag_bytes").unwrap_or(0.0) > 0.0
+                    && metric(t, "outboxd_lag_seconds").unwrap_or(0.0) > 0.0
+                    && metric_sum(t, "outboxd_publish_errors_total") > 0.0
+            })
         })
         .await,
         "{}",
@@ -101,10 +99,11 @@ async fn metrics_follow_a_broker_outage_and_probes_stay_green() {
     // Then everything is delivered and the lag returns to about zero
     assert!(
         wait_for(Duration::from_secs(60), || async {
-            let t = scrape(port);
-            published(&t) >= 70.0
-                && metric(&t, "outboxd_replication_lag_bytes").is_some_and(|b| b < 64.0 * 1024.0)
-                && metric(&t, "outboxd_lag_seconds") == Some(0.0)
+            scraped(port, |t| {
+                published(t) >= 70.0
+                    && metric(t, "outboxd_replication_lag_bytes").is_some_and(|b| b < 64.0 * 1024.0)
+                    && metric(t, "outboxd_lag_seconds") == Some(0.0)
+            })
         })
         .await,
         "{}",
@@ -189,7 +188,7 @@ async fn unreachable_postgres_is_ready_live_and_reports_without_secrets() {
     // Given a Postgres that refuses connections, the relay keeps retrying
     assert!(
         wait_for(Duration::from_secs(20), || async {
-            metric_sum(&scrape(port), "outboxd_reconnects_total") >= 2.0
+            scraped(port, |t| metric_sum(t, "outboxd_reconnects_total") >= 2.0)
         })
         .await
     );
@@ -207,5 +206,84 @@ async fn unreachable_postgres_is_ready_live_and_reports_without_secrets() {
     // and the password appears nowhere
     for text in [status, scrape(port), relay.stderr()] {
         assert!(!text.contains("hunter2-secret"), "secret leaked: {text}");
+    }
+}
+
+/// Before anything went wrong, the error counters already exist at 0 for the labels
+/// the relay knows (so `rate()` and `increase()` see the first error), the process
+/// metrics are exported, and `/status` says when its server figures were read, for
+/// NATS and Kafka alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_series_exist_at_zero_process_metrics_and_status_read_times() {
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let nats = Nats::start();
+    let kafka = support::kafka::Tansu::start();
+    for sink in ["nats", "kafka"] {
+        let port = free_port();
+        let listen = format!("\"127.0.0.1:{port}\"");
+        let overrides = [
+            ("http", "listen", listen.as_str()),
+            ("postgres", "monitor_interval_secs", "1"),
+        ];
+        let cfg = if sink == "nats" {
+            config(&pg, Some(&nats), &overrides)
+        } else {
+            support::kafka::kafka_config(&pg, &kafka.brokers(), &overrides)
+        };
+        let relay = Relay::spawn(&cfg);
+        pg.wait_streaming("outboxd").await;
+        let text = scrape(port);
+        for series in [
+            format!("outboxd_publish_errors_total{{reason=\"timeout\",sink=\"{sink}\"}}"),
+            format!("outboxd_publish_errors_total{{reason=\"too_large\",sink=\"{sink}\"}}"),
+            format!("outboxd_duplicates_total{{sink=\"{sink}\"}}"),
+            "outboxd_dead_letters_total{reason=\"invalid_row\"}".to_string(),
+            "outboxd_poison_events_total{action=\"halt\",reason=\"schema\"}".to_string(),
+            "outboxd_poison_events_total{action=\"dead_letter\",reason=\"too_large\"}".to_string(),
+            "outboxd_reconnects_total{component=\"postgres\"}".to_string(),
+            "outboxd_reconnects_total{component=\"broker\"}".to_string(),
+        ] {
+            assert_eq!(
+                metric(&text, &series),
+                Some(0.0),
+                "{sink}: {series}\n{text}"
+            );
+        }
+        assert!(
+            metric(&text, "process_resident_memory_bytes").is_some_and(|b| b > 1e6),
+            "{text}"
+        );
+        assert!(metric(&text, "process_open_fds").is_some_and(|n| n > 3.0));
+        assert!(metric(&text, "process_cpu_seconds_total").is_some_and(|s| s >= 0.0));
+        // and /status says when each sampled value was read, the server's figures
+        // coming from one poll (lag = its WAL position minus its confirmed position)
+        let lsn = |v: &serde_json::Value| -> u64 {
+            let (hi, lo) = v.as_str().expect("lsn").split_once('/').expect("X/Y");
+            (u64::from_str_radix(hi, 16).expect("hex") << 32)
+                + u64::from_str_radix(lo, 16).expect("hex")
+        };
+        let mut status = serde_json::Value::Null;
+        let polled = wait_for(Duration::from_secs(15), || {
+            status = http_get(port, "/status")
+                .and_then(|(_, b)| serde_json::from_str(&b).ok())
+                .unwrap_or_default();
+            let read = status["server_read_at"].is_string();
+            async move { read }
+        })
+        .await;
+        assert!(polled, "{status}");
+        assert_eq!(
+            status["lag_bytes"].as_i64().expect("lag") as u64,
+            lsn(&status["server_wal_lsn"]) - lsn(&status["server_confirmed_lsn"]),
+            "{status}"
+        );
+        drop(relay);
+        assert!(
+            wait_for(Duration::from_secs(30), || async {
+                pg.slot_active_pid("outboxd").await.is_none()
+            })
+            .await
+        );
     }
 }

@@ -43,7 +43,6 @@ async fn broker_killed_and_restarted_loses_nothing_written_around_the_outage_and
     ));
     pg.wait_streaming("outboxd").await;
     let db = pg.client().await;
-    let pid = relay.pid();
 
     // Given events delivered before the outage
     let mut n = 0i64;
@@ -87,7 +86,6 @@ async fn broker_killed_and_restarted_loses_nothing_written_around_the_outage_and
         "relay exited:\n{}",
         relay.stderr()
     );
-    assert_eq!(relay.pid(), pid);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +107,6 @@ async fn mock_cluster_broker_down_and_up_loses_nothing_with_the_idempotent_produ
     ));
     pg.wait_streaming("outboxd").await;
     let db = pg.client().await;
-    let pid = relay.pid();
     let mut n = 0i64;
     let mut all = write_rows(&db, &mut n, 20).await;
     wait_records(&brokers, TOPIC, 20, Duration::from_secs(30)).await;
@@ -145,7 +142,6 @@ async fn mock_cluster_broker_down_and_up_loses_nothing_with_the_idempotent_produ
         "relay exited:\n{}",
         relay.stderr()
     );
-    assert_eq!(relay.pid(), pid);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -258,16 +258,33 @@ async fn sigterm_drains_confirms_and_exits_zero() {
     let pg = Postgres::start();
     pg.create_outbox().await;
     let nats = Nats::start();
+    let port = support::free_port();
+    let listen = format!("\"127.0.0.1:{port}\"");
     let mut relay = Relay::spawn(&config(
         &pg,
         Some(&nats),
-        &[("nats", "content_mode", "\"structured\"")],
+        &[
+            ("nats", "content_mode", "\"structured\""),
+            ("http", "listen", &listen),
+        ],
     ));
     pg.wait_streaming("outboxd").await;
     let mut db = pg.client().await;
 
-    // Given rows that were all delivered
+    // Given rows that were delivered
     for n in 0..200 {
+        insert(&db, &format!("o-{}", n % 5), n, None).await;
+    }
+    let js = nats.jetstream().await;
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            stream_len(&js, STREAM).await >= 200
+        })
+        .await
+    );
+    // and more rows in flight: published to a broker that hangs (SIGSTOP)
+    nats.freeze();
+    for n in 200..300 {
         insert(&db, &format!("o-{}", n % 5), n, None).await;
     }
     let tx = db.transaction().await.expect("begin");
@@ -278,20 +295,27 @@ async fn sigterm_drains_confirms_and_exits_zero() {
         .get(0);
     insert(&tx, "o-0", 1000, None).await;
     tx.commit().await.expect("commit");
-    let js = nats.jetstream().await;
     assert!(
         wait_for(Duration::from_secs(30), || async {
-            stream_len(&js, STREAM).await >= 201
+            support::scraped(port, |t| {
+                support::metric(t, "outboxd_events_in_flight").unwrap_or(0.0) >= 1.0
+            })
         })
-        .await
+        .await,
+        "no event in flight"
     );
 
-    // When the relay gets SIGTERM
+    // When the relay gets SIGTERM, and the broker answers again a moment later
+    support::signal(relay.pid(), "TERM");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    nats.thaw();
     let status = relay
-        .terminate(Duration::from_secs(15))
+        .wait_exit(Duration::from_secs(25))
+        .await
         .expect("exited in time");
 
-    // Then it exits 0 and the slot is confirmed past the last delivered transaction
+    // Then it drained: it exits 0, every row is stored, and the final confirm reached
+    // the server (past the last transaction, which was in flight at the SIGTERM)
     assert!(
         status.success(),
         "exit status {status:?}\n{}",
@@ -300,10 +324,16 @@ async fn sigterm_drains_confirms_and_exits_zero() {
     let confirmed = pg.confirmed_lsn("outboxd").await.expect("slot");
     assert!(
         confirmed > before_last as u64,
-        "confirmed {confirmed} <= {before_last}"
+        "confirmed {confirmed:X} <= {before_last:X}\n{}",
+        relay.stderr()
     );
-    // and structured mode carried the JSON event format
     let msgs = read_stream(&js, STREAM).await;
+    let stored: HashSet<String> = msgs
+        .iter()
+        .map(|m| m.header("Nats-Msg-Id").expect("id").to_string())
+        .collect();
+    assert_eq!(stored, pg.outbox_ids().await);
+    // and structured mode carried the JSON event format
     assert_eq!(
         msgs[0].header("content-type"),
         Some("application/cloudevents+json")

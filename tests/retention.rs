@@ -9,8 +9,10 @@ use crate::support;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use support::faults::relay_log_lines;
 use support::{
-    config, free_port, metric_sum, read_stream, scrape, stream_len, wait_for, Nats, Postgres, Relay,
+    config, free_port, metric_sum, read_stream, scrape, scraped, stream_len, wait_for, Nats,
+    Postgres, Relay,
 };
 
 /// Inserts a row of `aggregate` created `age_secs` ago; returns its id.
@@ -55,7 +57,7 @@ async fn delivered_old_rows_are_deleted_new_rows_kept_and_standbys_delete_nothin
     let js = nats.jetstream().await;
     // Given a streaming instance and a standby, retention one hour
     let (p1, p2) = (free_port(), free_port());
-    let _leader = Relay::spawn(&retention_config(&pg, &nats, p1, "3600", &[]));
+    let leader = Relay::spawn(&retention_config(&pg, &nats, p1, "3600", &[]));
     pg.wait_streaming("outboxd").await;
     let _standby = Relay::spawn(&retention_config(&pg, &nats, p2, "3600", &[]));
     assert!(
@@ -90,6 +92,21 @@ async fn delivered_old_rows_are_deleted_new_rows_kept_and_standbys_delete_nothin
     assert_eq!(
         metric_sum(&scrape(p1), "outboxd_retention_deleted_rows_total"),
         7.0
+    );
+    // in batches of at most 2 (so at least 4 of them)
+    let batches: Vec<u64> = relay_log_lines(&leader.stderr(), "retention: deleted a batch")
+        .iter()
+        .map(|l| {
+            l.split("rows=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no rows= in {l}"))
+        })
+        .collect();
+    assert!(
+        batches.len() >= 4 && batches.iter().all(|n| *n <= 2) && batches.iter().sum::<u64>() == 7,
+        "batches: {batches:?}"
     );
     // the standby deleted nothing
     assert_eq!(
@@ -148,11 +165,32 @@ async fn unacknowledged_rows_are_kept_until_the_broker_confirms_them() {
         "a delivered row older than the retention was not deleted"
     );
 
-    // When the broker is down and a row is committed
+    // When a row is delivered, the broker goes down and another row is committed
+    let delivered = insert_aged(&db, "c", 0.0).await;
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            read_stream(&js, "OUTBOX")
+                .await
+                .iter()
+                .any(|m| m.header("ce-id") == Some(delivered.as_str()))
+        })
+        .await,
+        "the row before the outage was not delivered"
+    );
     nats.stop();
     let pending = insert_aged(&db, "b", 0.0).await;
 
-    // Then it stays in the table while unacknowledged, although older than the retention
+    // Then retention goes on during the outage: the delivered row is deleted once
+    // older than the retention (so the check below is not passed by a retention that
+    // stopped running)
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            !pg.outbox_ids().await.contains(&delivered)
+        })
+        .await,
+        "retention deleted nothing during the outage"
+    );
+    // and the unacknowledged row stays in the table, although older than the retention
     assert!(
         !wait_for(Duration::from_secs(4), || async {
             !pg.outbox_ids().await.contains(&pending)
@@ -211,7 +249,9 @@ async fn a_missing_delete_privilege_is_logged_and_relaying_goes_on() {
     let a = insert_aged(&db, "a", 10.0).await;
     assert!(
         wait_for(Duration::from_secs(30), || async {
-            metric_sum(&scrape(port), "outboxd_retention_errors_total") >= 1.0
+            scraped(port, |t| {
+                metric_sum(t, "outboxd_retention_errors_total") >= 1.0
+            })
         })
         .await,
         "no retention error counted"

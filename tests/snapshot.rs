@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use support::{
     assert_delivered_once, assert_per_aggregate_order, config, free_port, metric_sum, read_stream,
-    scrape, stream_len, wait_for, Nats, Postgres, Relay,
+    scrape, scraped, stream_len, wait_for, Nats, Postgres, Relay,
 };
 
 /// Inserts one row of `aggregate` with payload `{"n": n}` and `created_at` from the
@@ -184,7 +184,9 @@ async fn a_kill_during_the_snapshot_redoes_it_and_loses_nothing() {
     let mut relay = Relay::spawn(&cfg);
     assert!(
         wait_for(Duration::from_secs(60), || async {
-            metric_sum(&scrape(port), "outboxd_snapshot_events_total") >= 2_000.0
+            scraped(port, |t| {
+                metric_sum(t, "outboxd_snapshot_events_total") >= 2_000.0
+            })
         })
         .await,
         "the snapshot did not start"
@@ -347,7 +349,9 @@ async fn a_snapshot_whose_replication_session_ends_is_taken_again() {
     ));
     assert!(
         wait_for(Duration::from_secs(60), || async {
-            metric_sum(&scrape(port), "outboxd_snapshot_events_total") >= 1_000.0
+            scraped(port, |t| {
+                metric_sum(t, "outboxd_snapshot_events_total") >= 1_000.0
+            })
         })
         .await,
         "the snapshot did not start"

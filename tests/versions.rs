@@ -275,8 +275,10 @@ async fn decoding_from_a_hot_standby_relays_the_primarys_rows() {
     let port = support::secure::http_port(&cfg);
     assert!(
         wait_for(Duration::from_secs(30), || async {
-            support::metric(&support::scrape(port), "outboxd_confirmed_lsn_bytes")
-                .is_some_and(|v| v >= target as f64)
+            support::scraped(port, |t| {
+                support::metric(t, "outboxd_confirmed_lsn_bytes")
+                    .is_some_and(|v| v >= target as f64)
+            })
         })
         .await,
         "the slot monitor does not follow the standby's slot: {}",

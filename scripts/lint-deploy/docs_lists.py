@@ -27,7 +27,7 @@ def main(metrics_rs, alerts_yml, operations_md):
     names = {n for n in exported_names(pathlib.Path(metrics_rs))
              if not re.search(r"_(bucket|sum|count)$", n)}
     alerts = {r["alert"] for g in yaml.safe_load(pathlib.Path(alerts_yml).read_text())["groups"] for r in g["rules"]}
-    for what, want, have in (("metric", names, rows(text, r"outboxd_[a-z0-9_]+")),
+    for what, want, have in (("metric", names, rows(text, r"(?:outboxd|process)_[a-z0-9_]+")),
                              ("alert", alerts, rows(text, r"Outboxd[A-Za-z]+"))):
         missing, unknown = sorted(want - have), sorted(have - want)
         ok = not missing and not unknown

@@ -119,6 +119,9 @@ impl Sink {
         routes: &Routes,
         metrics: Option<&Metrics>,
     ) -> Result<Self, SinkError> {
+        if let Some(m) = metrics {
+            m.known_labels(name_of(cfg.sink.kind), Self::error_reasons(cfg.sink.kind));
+        }
         match routes {
             Routes::Stdout => Ok(Sink::Stdout(stdout::StdoutSink::new())),
             Routes::Nats { subject } => Ok(Sink::Nats(
@@ -149,13 +152,64 @@ impl Sink {
         }
     }
 
+    /// The reasons (`outboxd_publish_errors_total{reason}`) a sink of `kind` reports.
+    pub fn error_reasons(kind: SinkKind) -> &'static [&'static str] {
+        match kind {
+            SinkKind::Stdout => &["encode", "fatal"],
+            SinkKind::Nats => &[
+                "connect",
+                "timeout",
+                "disconnected",
+                "auth",
+                "tls",
+                "no_stream",
+                "stream",
+                "broker_error",
+                "publish",
+                "too_large",
+                "encode",
+                "fatal",
+            ],
+            SinkKind::Kafka => &[
+                "connect",
+                "metadata",
+                "timeout",
+                "broker_down",
+                "broker_error",
+                "queue_full",
+                "leader_election",
+                "not_enough_replicas",
+                "unknown_topic",
+                "invalid_topic",
+                "invalid_record",
+                "too_large",
+                "fenced",
+                "unauthorized",
+                "canceled",
+                "auth",
+                "tls",
+                "encode",
+                "fatal",
+            ],
+        }
+    }
+
     /// The sink's name, for logs and metric labels.
     pub fn name(&self) -> &'static str {
-        match self {
-            Sink::Stdout(_) => "stdout",
-            Sink::Nats(_) => "nats",
-            Sink::Kafka(_) => "kafka",
-        }
+        name_of(match self {
+            Sink::Stdout(_) => SinkKind::Stdout,
+            Sink::Nats(_) => SinkKind::Nats,
+            Sink::Kafka(_) => SinkKind::Kafka,
+        })
+    }
+}
+
+/// A sink kind's name, for logs and metric labels.
+fn name_of(kind: SinkKind) -> &'static str {
+    match kind {
+        SinkKind::Stdout => "stdout",
+        SinkKind::Nats => "nats",
+        SinkKind::Kafka => "kafka",
     }
 }
 
@@ -180,9 +234,9 @@ pub enum Routes {
 }
 
 /// What the sink's settings mean, checked right after the config loads (the config
-/// itself checks only their shape): NATS's credentials and TLS files make sense, and
-/// the routing templates parse; they are returned, parsed, for [`Sink::connect`].
-/// Each error names the key to change.
+/// itself checks only their shape): NATS's credentials and TLS files make sense,
+/// librdkafka accepts `[kafka.properties]`, and the routing templates parse; they are
+/// returned, parsed, for [`Sink::connect`]. Each error names the key to change.
 pub fn validate(cfg: &Config) -> Result<Routes, ConfigError> {
     let template = |key: &str, text: &str| {
         Template::parse(text).map_err(|e| ConfigError::invalid(key, e.to_string()))
@@ -194,10 +248,80 @@ pub fn validate(cfg: &Config) -> Result<Routes, ConfigError> {
                 subject: template("nats.subject", &cfg.nats.subject)?,
             }
         }
-        SinkKind::Kafka => Routes::Kafka {
-            topic: template("kafka.topic", &cfg.kafka.topic)?,
-            key: template("kafka.key", &cfg.kafka.key)?,
-        },
+        SinkKind::Kafka => {
+            let routes = Routes::Kafka {
+                topic: template("kafka.topic", &cfg.kafka.topic)?,
+                key: template("kafka.key", &cfg.kafka.key)?,
+            };
+            kafka::client::check_properties(&cfg.kafka)
+                .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
+            routes
+        }
         SinkKind::Stdout => Routes::Stdout,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every reason literal in a sink's source is in its `error_reasons` (so it is
+    /// exported at 0 from the start), and every poison reason in `POISON_REASONS`.
+    #[test]
+    fn every_reason_in_the_code_is_known() {
+        let literals = |src: &str| -> Vec<String> {
+            let mut out = Vec::new();
+            for pat in [
+                "reason: \"",
+                "retry(\"",
+                "rejected(\"",
+                "retryable(\"",
+                "Class::Retry(\"",
+                "Class::Reject(\"",
+            ] {
+                for part in src.split(pat).skip(1) {
+                    out.push(part.split('"').next().unwrap_or_default().to_string());
+                }
+            }
+            out
+        };
+        let nats: Vec<String> = [
+            include_str!("nats/mod.rs"),
+            include_str!("nats/encode.rs"),
+            include_str!("nats/auth.rs"),
+        ]
+        .iter()
+        .flat_map(|s| literals(s))
+        .collect();
+        let kafka: Vec<String> = [
+            include_str!("kafka/mod.rs"),
+            include_str!("kafka/classify.rs"),
+            include_str!("kafka/client.rs"),
+            include_str!("kafka/limits.rs"),
+        ]
+        .iter()
+        .flat_map(|s| literals(s))
+        .collect();
+        assert!(nats.len() > 5 && kafka.len() > 10, "{nats:?} {kafka:?}");
+        for (kind, found) in [(SinkKind::Nats, nats), (SinkKind::Kafka, kafka)] {
+            for r in found
+                .iter()
+                .filter(|r| !r.is_empty() && r.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+            {
+                assert!(
+                    Sink::error_reasons(kind).contains(&r.as_str()),
+                    "{kind:?}: {r}"
+                );
+            }
+        }
+        let rejects = include_str!("kafka/classify.rs")
+            .split("Class::Reject(\"")
+            .skip(1);
+        for r in rejects.map(|p| p.split('"').next().unwrap_or_default()) {
+            assert!(
+                crate::telemetry::POISON_REASONS.contains(&r),
+                "poison reason {r}"
+            );
+        }
+    }
 }

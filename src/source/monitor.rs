@@ -105,12 +105,13 @@ async fn poll_slot(
     let m = &t.metrics;
     m.replication_lag_bytes.set(s.lag_bytes);
     m.slot_retained_wal_bytes.set(s.retained_bytes);
-    m.slot_safe_wal_size_bytes.set(s.safe_wal_size.unwrap_or(0));
+    m.set_safe_wal_size(s.safe_wal_size);
     m.confirmed_lsn_bytes.set(s.confirmed_flush_lsn as i64);
     if let Some(status) = &s.wal_status {
         m.set_wal_status(status);
     }
-    t.health.set_server(s.server_lsn, s.lag_bytes);
+    t.health
+        .set_server(s.server_lsn, s.confirmed_flush_lsn, s.lag_bytes);
     Ok(Some(s.confirmed_flush_lsn))
 }
 

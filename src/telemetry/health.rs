@@ -60,12 +60,19 @@ pub struct StatusReport {
     pub slot: String,
     /// Publication name.
     pub publication: String,
-    /// Last LSN confirmed to the server (`X/Y`).
+    /// Last LSN this process confirmed to the server (`X/Y`), live.
     pub confirmed_lsn: String,
-    /// Server WAL position at the last slot poll (`X/Y`).
+    /// When it was confirmed (RFC 3339); `None` before the first confirm.
+    pub confirmed_at: Option<String>,
+    /// Server WAL position at the last slot poll (`X/Y`). Read every
+    /// `postgres.monitor_interval_secs`, so the live `confirmed_lsn` may be ahead of it.
     pub server_wal_lsn: String,
-    /// Server WAL position minus confirmed LSN, bytes.
+    /// The slot's confirmed position as the server reported it in the same poll.
+    pub server_confirmed_lsn: String,
+    /// `server_wal_lsn` minus `server_confirmed_lsn`, bytes (same poll).
     pub lag_bytes: i64,
+    /// When that poll read them (RFC 3339); `None` before the first poll.
+    pub server_read_at: Option<String>,
     /// Age of the oldest unacknowledged event, seconds.
     pub lag_seconds: f64,
     /// Last error, if any (never contains a secret or a payload).
@@ -109,7 +116,9 @@ struct Inner {
     sink_failures: u64,
     sink_error: Option<String>,
     server_wal_lsn: u64,
+    server_confirmed_lsn: u64,
     lag_bytes: i64,
+    server_read_at: Option<DateTime<Utc>>,
 }
 
 /// Role, progress, watchdog.
@@ -119,6 +128,8 @@ pub struct Health {
     inner: Mutex<Inner>,
     last_tick_ms: AtomicU64,
     confirmed_lsn: AtomicU64,
+    /// When `confirmed_lsn` last moved (Unix µs); 0 = never.
+    confirmed_at_micros: AtomicI64,
     lag_seconds_bits: AtomicU64,
     /// Commit time (Unix µs) of the newest confirmed transaction; 0 = none yet.
     acked_commit_micros: AtomicI64,
@@ -153,10 +164,13 @@ impl Health {
                 sink_failures: 0,
                 sink_error: None,
                 server_wal_lsn: 0,
+                server_confirmed_lsn: 0,
                 lag_bytes: 0,
+                server_read_at: None,
             }),
             last_tick_ms: AtomicU64::new(now_ms()),
             confirmed_lsn: AtomicU64::new(0),
+            confirmed_at_micros: AtomicI64::new(0),
             lag_seconds_bits: AtomicU64::new(0),
             acked_commit_micros: AtomicI64::new(0),
             ready: AtomicBool::new(false),
@@ -296,14 +310,20 @@ impl Health {
 
     /// Records the confirmed LSN.
     pub fn set_confirmed(&self, lsn: u64) {
-        self.confirmed_lsn.fetch_max(lsn, Ordering::Relaxed);
+        if self.confirmed_lsn.fetch_max(lsn, Ordering::Relaxed) < lsn {
+            self.confirmed_at_micros
+                .store(Utc::now().timestamp_micros(), Ordering::Relaxed);
+        }
     }
 
-    /// Records the server's WAL position and the lag behind it.
-    pub fn set_server(&self, wal_lsn: u64, lag_bytes: i64) {
+    /// Records one poll of the slot: the server's WAL position, the slot's confirmed
+    /// position and the lag between them, read together.
+    pub fn set_server(&self, wal_lsn: u64, confirmed_lsn: u64, lag_bytes: i64) {
         let mut i = self.inner();
         i.server_wal_lsn = wal_lsn;
+        i.server_confirmed_lsn = confirmed_lsn;
         i.lag_bytes = lag_bytes;
+        i.server_read_at = Some(Utc::now());
     }
 
     /// Records the lag in seconds.
@@ -319,8 +339,14 @@ impl Health {
             slot: self.slot.clone(),
             publication: self.publication.clone(),
             confirmed_lsn: crate::lsn::lsn_text(self.confirmed_lsn.load(Ordering::Relaxed)),
+            confirmed_at: match self.confirmed_at_micros.load(Ordering::Relaxed) {
+                0 => None,
+                us => DateTime::<Utc>::from_timestamp_micros(us).map(|t| rfc3339(&t)),
+            },
             server_wal_lsn: crate::lsn::lsn_text(i.server_wal_lsn),
+            server_confirmed_lsn: crate::lsn::lsn_text(i.server_confirmed_lsn),
             lag_bytes: i.lag_bytes,
+            server_read_at: i.server_read_at.as_ref().map(rfc3339),
             lag_seconds: f64::from_bits(self.lag_seconds_bits.load(Ordering::Relaxed)),
             last_error: i.last_error.as_ref().map(|(e, _)| e.clone()),
             last_error_at: i.last_error.as_ref().map(|(_, at)| rfc3339(at)),
@@ -354,6 +380,19 @@ mod tests {
         let r = h.report();
         assert_eq!(r.role, Role::Connecting);
         assert_eq!(r.confirmed_lsn, "1/10");
+        assert!(r.confirmed_at.is_some());
+        assert_eq!(r.server_read_at, None);
+        h.set_server(0x1_0000_0020, 0x1_0000_0008, 0x18);
+        let r = h.report();
+        assert_eq!(
+            (
+                r.server_wal_lsn.as_str(),
+                r.server_confirmed_lsn.as_str(),
+                r.lag_bytes
+            ),
+            ("1/20", "1/8", 0x18)
+        );
+        assert!(r.server_read_at.is_some());
         assert!(h.is_ready());
     }
 

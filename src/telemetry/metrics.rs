@@ -20,6 +20,24 @@ pub const MAX_DESTINATIONS: usize = 100;
 /// The `wal_status` values of `pg_replication_slots`.
 pub const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 
+/// Reasons a row or an event is poison: the row's (`schema`, `invalid_row`) and the
+/// brokers' permanent refusals (`too_large`, `invalid_record`, `invalid_topic`,
+/// `unauthorized`, `encode`). Series for them exist from the start
+/// ([`Metrics::known_labels`]).
+pub const POISON_REASONS: [&str; 7] = [
+    "schema",
+    "invalid_row",
+    "too_large",
+    "invalid_record",
+    "invalid_topic",
+    "unauthorized",
+    "encode",
+];
+
+/// What was done with a poison event (`logged`: a dead letter too large for the
+/// broker, written to the log instead).
+pub const POISON_ACTIONS: [&str; 3] = ["dead_letter", "halt", "logged"];
+
 /// A metrics registration failed: a programming error (duplicate name), fatal.
 #[derive(Debug, thiserror::Error)]
 #[error("metrics registry: {0}")]
@@ -49,7 +67,9 @@ pub struct Metrics {
     /// Server WAL position minus the slot's restart_lsn.
     pub slot_retained_wal_bytes: IntGauge,
     /// `safe_wal_size` of the slot (only when the server limits it).
-    pub slot_safe_wal_size_bytes: IntGauge,
+    /// No sample while `max_slot_wal_keep_size` is unlimited (or the slot is lost):
+    /// use [`Metrics::set_safe_wal_size`].
+    slot_safe_wal_size_bytes: IntGaugeVec,
     /// 1 for the slot's current `wal_status`.
     pub slot_wal_status: IntGaugeVec,
     /// Age of the oldest unacknowledged event.
@@ -97,6 +117,13 @@ impl Metrics {
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             60.0,
         ];
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds,
+        // process_max_fds, process_virtual_memory_bytes, process_start_time_seconds
+        // (Linux; elsewhere the collector exports nothing).
+        #[cfg(target_os = "linux")]
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         let m = Self {
             events_received: reg!(IntCounter::new(
                 "outboxd_events_received_total",
@@ -155,9 +182,12 @@ impl Metrics {
                 "outboxd_slot_retained_wal_bytes",
                 "WAL the slot keeps on the server's disk (WAL position minus restart_lsn)."
             )?),
-            slot_safe_wal_size_bytes: reg!(IntGauge::new(
-                "outboxd_slot_safe_wal_size_bytes",
-                "WAL that can still be written before the slot is in danger (max_slot_wal_keep_size); 0 if unlimited."
+            slot_safe_wal_size_bytes: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "outboxd_slot_safe_wal_size_bytes",
+                    "WAL that can still be written before the slot is in danger (max_slot_wal_keep_size); no sample while that is unlimited."
+                ),
+                &[]
             )?),
             slot_wal_status: reg!(IntGaugeVec::new(
                 Opts::new(
@@ -267,6 +297,38 @@ impl Metrics {
         }
     }
 
+    /// The slot's `safe_wal_size`; `None` (unlimited `max_slot_wal_keep_size`, or a lost
+    /// slot) removes the sample, so that "unlimited" never reads as "0 bytes left".
+    pub fn set_safe_wal_size(&self, bytes: Option<i64>) {
+        match bytes {
+            Some(b) => self
+                .slot_safe_wal_size_bytes
+                .with_label_values::<&str>(&[])
+                .set(b),
+            None => self.slot_safe_wal_size_bytes.reset(),
+        }
+    }
+
+    /// Creates, at 0, the series a relay publishing to `sink` knows from the start:
+    /// its publish-error reasons, the poison reasons and actions, dead letters,
+    /// duplicates and reconnects. `rate()` and `increase()` then see the first error;
+    /// a series born at 1 has no increase.
+    pub fn known_labels(&self, sink: &str, publish_reasons: &[&str]) {
+        for reason in publish_reasons {
+            self.publish_errors.with_label_values(&[sink, reason]);
+        }
+        for reason in POISON_REASONS {
+            self.dead_letters.with_label_values(&[reason]);
+            for action in POISON_ACTIONS {
+                self.poison_events.with_label_values(&[reason, action]);
+            }
+        }
+        self.duplicates.with_label_values(&[sink]);
+        for component in ["postgres", "broker"] {
+            self.reconnects.with_label_values(&[component]);
+        }
+    }
+
     /// The Prometheus text exposition of everything.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
@@ -294,6 +356,17 @@ mod tests {
         );
         assert!(text
             .contains(r#"outboxd_events_published_total{destination="outbox.t0",sink="nats"} 2"#));
+    }
+
+    #[test]
+    fn safe_wal_size_is_absent_while_unlimited() {
+        let m = Metrics::new().expect("registers");
+        m.set_safe_wal_size(None);
+        assert!(!m.render().contains("outboxd_slot_safe_wal_size_bytes "));
+        m.set_safe_wal_size(Some(0));
+        assert!(m.render().contains("outboxd_slot_safe_wal_size_bytes 0"));
+        m.set_safe_wal_size(None);
+        assert!(!m.render().contains("outboxd_slot_safe_wal_size_bytes "));
     }
 
     #[test]

@@ -7,7 +7,9 @@ mod health;
 mod metrics;
 
 pub use health::{Health, Readiness, Recovery, Role, SinkStatus, StatusReport, LIVENESS_WINDOW};
-pub use metrics::{Metrics, MetricsError, MAX_DESTINATIONS, WAL_STATUSES};
+pub use metrics::{
+    Metrics, MetricsError, MAX_DESTINATIONS, POISON_ACTIONS, POISON_REASONS, WAL_STATUSES,
+};
 
 /// Metrics plus health: everything the endpoints read.
 pub struct Telemetry {

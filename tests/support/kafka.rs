@@ -207,16 +207,21 @@ fn consumer(brokers: &str) -> BaseConsumer {
         .expect("consumer")
 }
 
-/// Partition ids of `topic` (empty if it does not exist).
+/// Partition ids of `topic` (empty if it does not exist). Panics when the broker does
+/// not answer: "no records" must never stand for "nobody asked".
 fn partitions(c: &BaseConsumer, topic: &str) -> Vec<i32> {
-    let Ok(md) = c.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
+    use rdkafka::types::RDKafkaRespErr;
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("metadata of {topic}: {e}"));
+    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
         return Vec::new();
     };
-    md.topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default()
+    match t.error() {
+        None => t.partitions().iter().map(|p| p.id()).collect(),
+        Some(RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART) => Vec::new(),
+        Some(e) => panic!("metadata of {topic}: {e:?}"),
+    }
 }
 
 /// Records in `topic` now (0 if it does not exist).

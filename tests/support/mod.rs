@@ -414,22 +414,47 @@ impl Received {
     }
 }
 
-/// All messages in `stream`, in stream order (empty if the stream does not exist).
+/// The stream, or `None` when it does not exist. Any other failure (the server down,
+/// a timeout) panics: an "is empty" check must not pass because nobody answered.
+async fn stream_or_none(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Option<jetstream::stream::Stream> {
+    use async_nats::jetstream::context::GetStreamErrorKind;
+    use async_nats::jetstream::ErrorCode;
+    match js.get_stream(stream).await {
+        Ok(s) => Some(s),
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND => {
+                None
+            }
+            _ => panic!("cannot read stream {stream}: {e}"),
+        },
+    }
+}
+
+/// All messages in `stream`, in stream order (empty if the stream does not exist;
+/// panics if the server does not answer).
 pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<Received> {
-    let Ok(mut s) = js.get_stream(stream).await else {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    let Some(mut s) = stream_or_none(js, stream).await else {
         return Vec::new();
     };
-    let Ok(info) = s.info().await else {
-        return Vec::new();
-    };
+    let info = s
+        .info()
+        .await
+        .unwrap_or_else(|e| panic!("stream info of {stream}: {e}"));
     let (first, last) = (info.state.first_sequence, info.state.last_sequence);
     let mut out = Vec::new();
     if info.state.messages == 0 {
         return out;
     }
     for seq in first..=last {
-        let Ok(m) = s.get_raw_message(seq).await else {
-            continue;
+        let m = match s.get_raw_message(seq).await {
+            Ok(m) => m,
+            // A message removed from the middle (a limit, a delete) leaves a gap.
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => continue,
+            Err(e) => panic!("reading {stream} #{seq}: {e}"),
         };
         let headers = m
             .headers
@@ -450,11 +475,18 @@ pub async fn read_stream(js: &jetstream::Context, stream: &str) -> Vec<Received>
     out
 }
 
-/// Number of messages in `stream` (0 if it does not exist).
+/// Number of messages in `stream` (0 if it does not exist; panics if the server does
+/// not answer).
 pub async fn stream_len(js: &jetstream::Context, stream: &str) -> u64 {
-    match js.get_stream(stream).await {
-        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
-        Err(_) => 0,
+    match stream_or_none(js, stream).await {
+        Some(mut s) => {
+            s.info()
+                .await
+                .unwrap_or_else(|e| panic!("stream info of {stream}: {e}"))
+                .state
+                .messages
+        }
+        None => 0,
     }
 }
 
@@ -690,8 +722,13 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     })
 }
 
-/// Sum of all samples of a metric family (any labels).
+/// Sum of all samples of a metric family (any labels). Panics on an empty text: a
+/// scrape that returned nothing is not "0 errors".
 pub fn metric_sum(text: &str, name: &str) -> f64 {
+    assert!(
+        text.contains("# TYPE"),
+        "not a metrics exposition (did the scrape fail?): {text:?}"
+    );
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {
@@ -760,11 +797,19 @@ impl Relay {
     }
 }
 
-/// The `/metrics` text of a relay on `port` (empty when it does not answer).
+/// The `/metrics` text of a relay on `port`; panics when it does not answer, so a
+/// metric read as 0 was really exported as 0 (or not exported).
 pub fn scrape(port: u16) -> String {
-    http_get(port, "/metrics")
-        .map(|(_, b)| b)
-        .unwrap_or_default()
+    match http_get(port, "/metrics") {
+        Some((200, body)) => body,
+        other => panic!("/metrics on port {port} does not answer: {other:?}"),
+    }
+}
+
+/// For wait loops: whether the relay on `port` answers `/metrics` and `cond` holds on
+/// the text. A relay that is not up yet is "not yet", never a 0 that passes.
+pub fn scraped(port: u16, cond: impl FnOnce(&str) -> bool) -> bool {
+    http_get(port, "/metrics").is_some_and(|(code, body)| code == 200 && cond(&body))
 }
 
 /// Inserts one outbox row of `aggregate` whose payload is `{"n": n}`; returns its id.

@@ -115,19 +115,35 @@ fn describe_create_error(e: &KafkaError, cfg: &KafkaConfig) -> String {
         }
         other => format!("cannot create the kafka client: {other}"),
     };
-    redact(&text, cfg)
+    Context::new(cfg).redact(&text).into_owned()
 }
 
-/// Replaces every (non-trivial) property value that appears in `text`.
-fn redact(text: &str, cfg: &KafkaConfig) -> String {
-    let mut out = text.to_string();
-    for v in cfg.properties.values() {
-        let v = v.expose();
-        if v.len() >= 3 && out.contains(v) {
-            out = out.replace(v, "[redacted]");
+/// Checks the producer's properties with librdkafka itself, before anything
+/// connects, so that a wrong name or value (or a codec this build lacks) is a
+/// configuration error naming its key rather than a relay that fails at start.
+/// `Err((dotted key, reason))`; sensitive values are redacted from the reason.
+pub fn check_properties(cfg: &KafkaConfig) -> Result<(), (String, String)> {
+    match producer_config(cfg).create_native_config() {
+        Ok(_) => Ok(()),
+        Err(KafkaError::ClientConfig(_, desc, key, _)) => {
+            let section = if cfg.properties_files.contains_key(&key) {
+                "kafka.properties_files"
+            } else {
+                "kafka.properties"
+            };
+            Err((
+                format!("{section}.\"{key}\""),
+                format!(
+                    "librdkafka refuses it: {}; see https://github.com/confluentinc/librdkafka/blob/master/CONFIGURATION.md",
+                    Context::new(cfg).redact(&desc)
+                ),
+            ))
         }
+        Err(e) => Err((
+            "kafka.properties".into(),
+            Context::new(cfg).redact(&e.to_string()).into_owned(),
+        )),
     }
-    out
 }
 
 /// Forwards librdkafka's log lines and client errors to `tracing` (target

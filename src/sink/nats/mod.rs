@@ -64,6 +64,8 @@ pub struct NatsSink {
 /// What the client's event callback tells the sink.
 #[derive(Default)]
 struct Events {
+    /// The client reported its first connection.
+    connected: AtomicBool,
     /// Connected again since `max_payload` was last read.
     reconnected: AtomicBool,
 }
@@ -230,9 +232,11 @@ async fn options(
         .name("outboxd")
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {
-            if matches!(event, async_nats::Event::Connected) {
-                // The first connection is made before the callback is installed:
-                // every Connected seen here is a reconnect.
+            // async-nats reports the first connection too (once `connect` has
+            // returned): every later Connected is a reconnect.
+            if matches!(event, async_nats::Event::Connected)
+                && events.connected.swap(true, Ordering::Relaxed)
+            {
                 if let Some(counter) = &reconnects {
                     counter.inc();
                 }
