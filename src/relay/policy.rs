@@ -168,4 +168,16 @@ mod tests {
             Action::Fail
         );
     }
+
+    #[test]
+    fn poison_labels_are_the_exported_actions() {
+        // The actions counted in outboxd_poison_events_total are exported at 0 from
+        // the start (telemetry::POISON_ACTIONS); the policy must not invent others.
+        for action in [Action::DeadLetter, Action::Log, Action::Halt] {
+            assert!(
+                crate::telemetry::POISON_ACTIONS.contains(&action.label()),
+                "{action:?}"
+            );
+        }
+    }
 }
