@@ -122,7 +122,7 @@ consumer_examples() {
   PATH=$PATH:/usr/sbin python -m unittest discover -s "$dir/python" -p 'test_*.py' -v
 }
 dashboard_and_metric_names() {
-  python "$HERE/metrics_check.py" src/metrics.rs deploy/grafana/outboxd.json \
+  python "$HERE/metrics_check.py" src/telemetry/metrics.rs deploy/grafana/outboxd.json \
     deploy/prometheus/alerts.yml deploy/prometheus/alerts_test.yml --promtool promtool
 }
 
@@ -143,11 +143,11 @@ check "helm lint + render (ci/*.yaml, refused values, config round trip, parent 
   python "$HERE/helm_render.py" helm/outboxd "$HERE/parent-chart" "$WORK/rendered" config/outboxd.toml
 check "kubernetes manifests (k8s $K8S_VERSIONS, CRDs, PSS restricted)" kubernetes
 check "prometheus rules (promtool check + test, copies in sync)" bash scripts/check-prometheus.sh
-check "grafana dashboard + metric names (vs src/metrics.rs)" dashboard_and_metric_names
+check "grafana dashboard + metric names (vs src/telemetry/metrics.rs)" dashboard_and_metric_names
 check "config keys (src structs vs config/outboxd.toml, docs/configuration.md, chart schema)" \
   python "$HERE/config_keys.py" src config/outboxd.toml docs/configuration.md helm/outboxd/values.schema.json
 check "docs/operations.md lists every metric and alert" \
-  python "$HERE/docs_lists.py" src/metrics.rs deploy/prometheus/alerts.yml docs/operations.md
+  python "$HERE/docs_lists.py" src/telemetry/metrics.rs deploy/prometheus/alerts.yml docs/operations.md
 check "link checker reports a missing file and a missing anchor (self-test)" python "$HERE/links_check.py" --self-test
 check "doc links and #anchors (README.md, docs/, every page linked from the README)" \
   python "$HERE/links_check.py" --front-page README.md --pages docs README.md docs/*.md BENCHMARKS.md

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::HttpConfig;
-use crate::health::Telemetry;
+use crate::telemetry::Telemetry;
 
 /// The listener could not be opened.
 #[derive(Debug, thiserror::Error)]

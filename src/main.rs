@@ -1,26 +1,17 @@
-//! The `outboxd` binary: command line, logging, signals and exit codes. The work
-//! itself lives in the library (`outboxd::relay`, `outboxd::check`).
+//! The `outboxd` binary: command line, logging, panic hook, runtime and exit codes.
+//! The commands themselves live in the library (`outboxd::commands`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
-use outboxd::config::{Config, LogFormat, ReadinessMode};
-use outboxd::health::{Health, Readiness, Telemetry};
-use outboxd::metrics::Metrics;
+use outboxd::commands::{self, EXIT_FAILURE};
+use outboxd::config::{Config, LogFormat};
 
 /// Exit code for a configuration error (sysexits EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
-/// Exit code when the relay stopped on an error.
-const EXIT_FAILURE: u8 = 1;
-/// After the relay stopped: how long the HTTP server may take to close its
-/// connections (a client that never finishes its request must not hold the exit).
-const HTTP_STOP_TIMEOUT: Duration = Duration::from_secs(1);
 /// After the work is done: how long blocking threads still running may take, e.g.
 /// librdkafka purging and joining its threads, which a hung broker makes slow. Nothing
 /// they do is needed for correctness: what was not acknowledged is sent again after
@@ -142,10 +133,8 @@ fn main() -> ExitCode {
     // Read before the config so that a config error can say why (a URL in
     // OUTBOXD_POSTGRES_URL is "missing"); logged once logging runs.
     let unused_env = outboxd::config::unused_env_vars();
-    let loaded = Config::load(c.config.as_deref())
-        .and_then(|cfg| outboxd::sink::check_config(&cfg).map(|()| cfg));
-    let cfg = match loaded {
-        Ok(mut cfg) => {
+    let (cfg, routes) = match commands::load_config(c.config.as_deref()) {
+        Ok((mut cfg, routes)) => {
             if let Command::Run {
                 allow_new_slot,
                 resync_table,
@@ -155,7 +144,7 @@ fn main() -> ExitCode {
                 cfg.postgres.allow_new_slot |= allow_new_slot;
                 cfg.postgres.resync_table |= resync_table;
             }
-            cfg
+            (cfg, routes)
         }
         Err(e) => {
             for u in &unused_env {
@@ -208,10 +197,10 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Run { .. } => run(cfg).await,
+            Command::Run { .. } => commands::run::run(cfg, routes).await,
             Command::Check {
                 aggregate_types, ..
-            } => check(&cfg, &aggregate_types).await,
+            } => Ok(commands::check::run(&cfg, &routes, &aggregate_types).await),
             Command::Replay {
                 from,
                 to,
@@ -224,7 +213,7 @@ fn main() -> ExitCode {
                 dry_run,
                 ..
             } => {
-                let sel = outboxd::replay::Selection {
+                let sel = commands::replay::Selection {
                     from_time: from,
                     to_time: to,
                     from_id,
@@ -233,9 +222,9 @@ fn main() -> ExitCode {
                     aggregate_id,
                     since_xid,
                 };
-                replay(cfg, &sel, destination_prefix, dry_run).await
+                commands::replay::run(cfg, &sel, destination_prefix, dry_run).await
             }
-            Command::Setup { apply, .. } => setup(&cfg, apply).await,
+            Command::Setup { apply, .. } => commands::setup::run(&cfg, apply).await,
         }
     });
     // Dropping the runtime would wait for every blocking task, however long it takes.
@@ -243,6 +232,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
+            // anyhow prints the cause chain as it always has: `step: cause: cause`.
+            let e = anyhow::Error::from(e);
             tracing::error!(error = format!("{e:#}"), "outboxd stopped");
             eprintln!("outboxd: {e:#}");
             ExitCode::from(EXIT_FAILURE)
@@ -274,154 +265,4 @@ fn init_logging(cfg: &Config) {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
-}
-
-async fn run(cfg: Config) -> anyhow::Result<ExitCode> {
-    let shutdown = CancellationToken::new();
-    tokio::spawn(signals(shutdown.clone()));
-    tracing::info!(version = env!("CARGO_PKG_VERSION"), sink = ?cfg.sink.kind, slot = %cfg.postgres.slot, http = %cfg.http.listen, "outboxd starting");
-    let telemetry = Arc::new(Telemetry {
-        metrics: Metrics::new()?,
-        health: Health::new(
-            &cfg.postgres.slot,
-            &cfg.postgres.publication,
-            match cfg.http.readiness {
-                ReadinessMode::Sidecar => Readiness::Sidecar,
-                ReadinessMode::Strict => Readiness::Strict,
-            },
-        ),
-    });
-    // More descriptors for the relay's connections and the bounded HTTP server.
-    outboxd::http::raise_fd_limit();
-    // The endpoints keep answering while the relay drains; they stop after it.
-    let http_stop = CancellationToken::new();
-    let http = outboxd::http::bind(&cfg.http, telemetry.clone(), http_stop.clone()).await?;
-    let result = outboxd::relay::run(Arc::new(cfg), telemetry, shutdown).await;
-    http_stop.cancel();
-    if tokio::time::timeout(HTTP_STOP_TIMEOUT, http).await.is_err() {
-        tracing::warn!("http connections still open at exit; closed without waiting");
-    }
-    let stopped = result.context("relay failed")?;
-    if stopped.unacknowledged == 0 {
-        tracing::info!("outboxd stopped cleanly");
-    } else {
-        tracing::warn!(
-            unacknowledged = stopped.unacknowledged,
-            "outboxd stopped; events the broker had not acknowledged are sent again after a restart"
-        );
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Cancels `shutdown` on SIGTERM or SIGINT.
-async fn signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; SIGTERM will kill without draining");
-        return;
-    };
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    };
-    tracing::info!(signal = name, "shutting down: draining in-flight events");
-    shutdown.cancel();
-}
-
-async fn check(cfg: &Config, aggregate_types: &[String]) -> anyhow::Result<ExitCode> {
-    let checks = outboxd::check::run(cfg, aggregate_types).await;
-    print!("{}", outboxd::check::render(&checks));
-    Ok(if checks.iter().all(|c| c.ok) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_FAILURE)
-    })
-}
-
-async fn replay(
-    mut cfg: Config,
-    sel: &outboxd::replay::Selection,
-    prefix: Option<String>,
-    dry_run: bool,
-) -> anyhow::Result<ExitCode> {
-    if let Some(p) = prefix {
-        cfg.nats.subject = format!("{p}{}", cfg.nats.subject);
-        cfg.kafka.topic = format!("{p}{}", cfg.kafka.topic);
-    }
-    let s = outboxd::replay::run(&cfg, sel, dry_run)
-        .await
-        .context("replay failed")?;
-    let verb = if dry_run {
-        "would publish"
-    } else {
-        "published"
-    };
-    println!(
-        "replay: {} rows matched, {verb} {}, {} invalid (skipped, listed above)",
-        s.matched, s.published, s.invalid
-    );
-    Ok(if s.invalid == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(EXIT_FAILURE)
-    })
-}
-
-async fn setup(cfg: &Config, apply: bool) -> anyhow::Result<ExitCode> {
-    let sql = outboxd::check::setup_sql(cfg);
-    if !apply {
-        print!("{sql}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    let control = outboxd::source::control::Control::connect(cfg)
-        .await
-        .context("connecting to postgres")?;
-    let (schema, _) = outboxd::config::split_table(&cfg.postgres.table);
-    control
-        .apply(&format!(
-            "CREATE SCHEMA IF NOT EXISTS {schema};\n{}",
-            outboxd::source::control::create_table_sql(cfg)
-        ))
-        .await
-        .context("creating the outbox table")?;
-    if !cfg.postgres.message_prefix.is_empty() {
-        control
-            .apply(&outboxd::source::message::emit_function_sql(
-                schema,
-                &cfg.postgres.message_prefix,
-            ))
-            .await
-            .context("creating outbox_emit()")?;
-    }
-    let mut forced = cfg.clone();
-    forced.postgres.create_publication = true;
-    forced.postgres.create_slot = true;
-    control
-        .ensure_publication(&forced)
-        .await
-        .context("creating the publication")?;
-    if cfg.postgres.initial_snapshot && control.slot(&cfg.postgres.slot).await?.is_none() {
-        // The snapshot is taken by the instance that creates the slot: leave that to
-        // `outboxd run`, or the rows already in the table would never be published.
-        println!(
-            "applied: table {}, publication {}; slot {} left to `outboxd run` (postgres.initial_snapshot)",
-            cfg.postgres.table, cfg.postgres.publication, cfg.postgres.slot
-        );
-        return Ok(ExitCode::SUCCESS);
-    }
-    let slot = control
-        .ensure_slot(&forced)
-        .await
-        .context("creating the slot")?;
-    println!(
-        "applied: table {}, publication {}, slot {} at {}",
-        cfg.postgres.table,
-        cfg.postgres.publication,
-        cfg.postgres.slot,
-        outboxd::relay::lsn_text(slot.confirmed_flush_lsn)
-    );
-    Ok(ExitCode::SUCCESS)
 }

@@ -37,7 +37,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{split_table, Config};
-use crate::health::{Role, Telemetry};
+use crate::telemetry::{Role, Telemetry};
 
 /// A failed retention round.
 #[derive(Debug, thiserror::Error)]

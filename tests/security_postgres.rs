@@ -221,7 +221,9 @@ fn tls_postgres(certs: &Certs) -> Postgres {
 /// login role `name` with a SCRAM password and `extra` SQL (its grants).
 async fn owner_setup(pg: &Postgres, name: &str, attributes: &str, extra: &str) {
     let db = pg.client().await;
-    db.batch_execute(support::OUTBOX_DDL).await.expect("table");
+    db.batch_execute(support::outbox_ddl())
+        .await
+        .expect("table");
     db.batch_execute(&format!(
         "CREATE PUBLICATION outboxd FOR TABLE public.outbox WITH (publish = 'insert');
          CREATE ROLE {name} LOGIN {attributes} PASSWORD '{PASSWORD}';

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use support::secure::http_port;
 use support::{
-    assert_per_aggregate_order, config, http_get, insert_event, metric, read_stream, stream_len,
-    wait_for, Nats, Postgres, Relay, OUTBOX_DDL,
+    assert_per_aggregate_order, config, http_get, insert_event, metric, outbox_ddl, read_stream,
+    stream_len, wait_for, Nats, Postgres, Relay,
 };
 
 /// Waits until the relay of `cfg` waits for an operator; returns the problem it names.
@@ -127,7 +127,7 @@ async fn changed_table_is_noticed_and_resynced(change: &str, says: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_dropped_and_created_again_is_noticed_and_resynced() {
-    let change = format!("DROP TABLE public.outbox; {OUTBOX_DDL}");
+    let change = format!("DROP TABLE public.outbox; {}", outbox_ddl());
     changed_table_is_noticed_and_resynced(&change, "dropped and created again").await;
 }
 

@@ -2,7 +2,7 @@
 
 usage: docs_lists.py METRICS_RS ALERTS_YML OPERATIONS_MD
 
-Every metric src/metrics.rs registers has a row in OPERATIONS_MD's metrics table
+Every metric src/telemetry/metrics.rs registers has a row in OPERATIONS_MD's metrics table
 (the house rule: each metric is documented with its meaning), and every alert of
 ALERTS_YML has a row in its alerts table; neither table names one that does not
 exist. Exit status 1 on failure.

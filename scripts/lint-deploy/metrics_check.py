@@ -3,7 +3,7 @@
 usage: metrics_check.py METRICS_RS DASHBOARD RULES RULE_TESTS [--promtool PATH]
 
 - the exported names are the "outboxd_..." string literals of METRICS_RS
-  (src/metrics.rs, the one place that registers metrics), plus _bucket, _sum and
+  (src/telemetry/metrics.rs, the one place that registers metrics), plus _bucket, _sum and
   _count for its histograms;
 - DASHBOARD: valid JSON with title, uid, schemaVersion, time, panels and a
   datasource template variable of type prometheus; every panel except rows has
@@ -43,7 +43,7 @@ def report(ok, what, detail=""):
 
 
 def exported_names(metrics_rs):
-    """Names registered in src/metrics.rs (its tests excluded), histogram series included."""
+    """Names registered in src/telemetry/metrics.rs (its tests excluded), histogram series included."""
     text = metrics_rs.read_text().split("#[cfg(test)]")[0]
     names = set(re.findall(r'"(outboxd_[a-z0-9_]+)"', text))
     for hist in re.findall(r'HistogramOpts::new\(\s*"(outboxd_[a-z0-9_]+)"', text):

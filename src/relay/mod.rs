@@ -15,30 +15,30 @@
 //! ends on a source error (reconnect from the slot's confirmed position, anything
 //! unconfirmed is sent again) or on shutdown (drain in-flight acks, bounded, then a
 //! final status update).
+//!
+//! Here: the sessions (connect the sink, reconnect, stand by, wait for an operator).
+//! `setup` readies the slot for a session, `stream` runs its loop, `policy` decides
+//! what a failure means and `outcome` acts on it, `snapshot` publishes the table's
+//! rows before a new slot streams.
 
 mod gate;
+mod outcome;
+pub mod policy;
 pub mod progress;
 mod setup;
 mod snapshot;
+mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use cloudevents::AttributesReader;
-use futures::future::BoxFuture;
-use futures::stream::{FuturesUnordered, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff;
-use crate::config::{Config, PoisonPolicy};
-use crate::deadletter::{self, PoisonRow};
-use crate::event::{to_cloudevent, Position};
-use crate::health::{Role, Telemetry};
-use crate::outbox::OutboxRow;
-use crate::sink::{Delivered, Envelope, Sink, SinkError};
-use crate::source::{Change, SourceError, Stream};
-use gate::Gate;
-use progress::{Progress, TxnId};
+use crate::config::Config;
+use crate::sink::{Routes, Sink, SinkError};
+use crate::source::SourceError;
+use crate::telemetry::{Role, Telemetry};
 
 /// Why the relay stopped (other than a requested shutdown).
 #[derive(Debug, thiserror::Error)]
@@ -59,15 +59,6 @@ pub enum RelayError {
         /// `on_invalid` or `on_rejected`.
         policy_key: &'static str,
     },
-}
-
-/// One event on its way to the broker.
-struct Item {
-    txn: TxnId,
-    env: Envelope,
-    attempt: u32,
-    /// Commit time, Unix µs (end-to-end latency).
-    commit_micros: i64,
 }
 
 /// What the loop needs besides the stream: config, sink, telemetry.
@@ -91,8 +82,6 @@ struct Ctx<'a> {
     unacknowledged: std::cell::Cell<usize>,
 }
 
-type InFlight = FuturesUnordered<BoxFuture<'static, (Item, Result<Delivered, SinkError>)>>;
-
 /// How a requested shutdown ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Stopped {
@@ -101,39 +90,28 @@ pub struct Stopped {
     pub unacknowledged: usize,
 }
 
-/// Runs until `shutdown` is cancelled (returns `Ok`) or a fatal error.
+/// Streams until `shutdown` is cancelled (returns `Ok`) or a fatal error: connects
+/// the sink, then runs sessions (set-up, stream) and reconnects, stands by or waits
+/// for an operator between them. The supervisor (`commands::run`) starts the
+/// monitor, retention and the HTTP endpoints beside it.
 pub async fn run(
-    cfg: Arc<Config>,
-    telemetry: Arc<Telemetry>,
-    shutdown: CancellationToken,
+    cfg: &Config,
+    routes: &Routes,
+    telemetry: &Telemetry,
+    shutdown: &CancellationToken,
 ) -> Result<Stopped, RelayError> {
-    let monitor = tokio::spawn(crate::source::monitor::run(
-        cfg.clone(),
-        telemetry.clone(),
-        shutdown.child_token(),
-    ));
-    let retention = cfg.retention.enabled.then(|| {
-        tokio::spawn(crate::retention::run(
-            cfg.clone(),
-            telemetry.clone(),
-            shutdown.child_token(),
-        ))
-    });
-    let result = run_sessions(&cfg, &telemetry, &shutdown).await;
-    monitor.abort();
-    if let Some(r) = retention {
-        r.abort();
-    }
+    let result = run_sessions(cfg, routes, telemetry, shutdown).await;
     telemetry.metrics.set_streaming(false);
     result
 }
 
 async fn run_sessions(
     cfg: &Config,
+    routes: &Routes,
     t: &Telemetry,
     shutdown: &CancellationToken,
 ) -> Result<Stopped, RelayError> {
-    let connect = || Sink::connect(cfg, Some(&t.metrics));
+    let connect = || Sink::connect(cfg, routes, Some(&t.metrics));
     let Some(sink) = retrying(cfg, t, shutdown, "connect to the broker", "broker", connect).await?
     else {
         return Ok(Stopped::default());
@@ -157,7 +135,7 @@ async fn run_sessions(
             return Ok(stopped(&ctx));
         }
         ctx.session_streamed.set(false);
-        let result = session(&ctx, shutdown).await;
+        let result = stream::session(&ctx, shutdown).await;
         if ctx.session_streamed.get() {
             // A healthy session ended: the next outage starts with a short delay again.
             attempt = 0;
@@ -302,482 +280,11 @@ where
     }
 }
 
-/// Sets up the publication and slot, then streams until shutdown or an error.
-async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Result<(), RelayError> {
-    let (cfg, t) = (ctx.cfg, ctx.t);
-    let Some(slot) = setup::slot(ctx, shutdown).await? else {
-        return Ok(());
-    };
-    // From here on this process relies on the slot (a standby too: the active instance
-    // confirms on it), so a slot that vanishes later is a loss, never a fresh start.
-    ctx.slot_known.set(true);
-    let mut stream = bounded(Stream::start(cfg, slot.confirmed_flush_lsn)).await?;
-    ctx.session_streamed.set(true);
-    // Whatever waited for an operator is resolved: the slot was found usable.
-    t.health.set_problem(None);
-    t.metrics.blocked.set(0);
-    t.health.set_ready();
-    t.health.set_role(Role::Streaming);
-    t.health.set_confirmed(slot.confirmed_flush_lsn);
-    t.metrics.set_streaming(true);
-    tracing::info!(slot = %cfg.postgres.slot, start_lsn = %lsn_text(slot.confirmed_flush_lsn), sink = ctx.sink.name(), "streaming");
-
-    let mut progress = Progress::default();
-    let mut gate: Gate<Item> = Gate::default();
-    let mut in_flight: InFlight = FuturesUnordered::new();
-    let mut txn: Option<(TxnId, Position)> = None;
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    let max = cfg.sink.max_in_flight;
-
-    // On shutdown no new transaction is read, but an open one is read to its Commit
-    // (within the shutdown deadline): a transaction whose rows were all acknowledged
-    // but whose Commit was never read cannot be confirmed, and would be sent again.
-    let mut stop_by: Option<tokio::time::Instant> = None;
-    let mut blocked: Option<String> = None;
-    let mut last_summary = tokio::time::Instant::now();
-    let outcome: Result<(), RelayError> = loop {
-        let held = in_flight.len() + gate.parked();
-        if let Some(deadline) = stop_by {
-            if txn.is_none() || tokio::time::Instant::now() >= deadline {
-                break Ok(());
-            }
-        }
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled(), if stop_by.is_none() => {
-                stop_by = Some(tokio::time::Instant::now() + Duration::from_secs(cfg.sink.shutdown_timeout_secs));
-                continue;
-            }
-            _ = tokio::time::sleep_until(stop_by.unwrap_or_else(tokio::time::Instant::now)), if stop_by.is_some() => continue,
-            _ = ticker.tick() => {
-                t.health.tick();
-                summarise_failure(t, &mut last_summary);
-                // The monitor found the table or the publication changed: stop reading,
-                // confirm what the broker has, then wait for the operator.
-                if stop_by.is_none() {
-                    if let Some(problem) = t.health.problem() {
-                        blocked = Some(problem);
-                        stop_by = Some(tokio::time::Instant::now() + Duration::from_secs(cfg.sink.shutdown_timeout_secs));
-                        continue;
-                    }
-                }
-                let lag = progress.oldest_commit_micros().map_or(0.0, |c| {
-                    (chrono::Utc::now().timestamp_micros() - c).max(0) as f64 / 1e6
-                });
-                t.metrics.lag_seconds.set(lag);
-                t.health.set_lag_seconds(lag);
-                t.metrics.events_in_flight.set(held as i64);
-            }
-            Some((item, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                let r = on_result(ctx, &mut progress, &mut gate, &in_flight, &stream, item, result);
-                if let Err(e) = r {
-                    break Err(e);
-                }
-            }
-            change = stream.next(), if held < max => {
-                let change = match change {
-                    Ok(Some(c)) => c,
-                    Ok(None) => break Err(SourceError::Connection("replication stream ended".into()).into()),
-                    Err(e) => break Err(e.into()),
-                };
-                match change {
-                    Change::Begin { commit_lsn, commit_time, .. } => {
-                        let id = progress.begin(commit_time.timestamp_micros());
-                        txn = Some((id, Position { commit_lsn, commit_time, index: 0 }));
-                    }
-                    Change::Row(row) => {
-                        t.metrics.events_received.inc();
-                        let Some((id, pos)) = txn.as_mut() else { continue };
-                        let env = match envelope(cfg, *row, pos) {
-                            Ok(env) => env,
-                            Err(poison) => {
-                                let code = poison.code;
-                                if cfg.sink.on_invalid == PoisonPolicy::Halt {
-                                    // Stop before the LSN can move past the row.
-                                    t.metrics.poison_events.with_label_values(&[code, "halt"]).inc();
-                                    tracing::error!(event_id = %poison.id, reason = %poison.reason, "invalid outbox row; halting (sink.on_invalid = halt)");
-                                    break Err(RelayError::Halted { id: poison.id, reason: poison.reason, policy_key: "on_invalid" });
-                                }
-                                t.metrics.poison_events.with_label_values(&[code, "dead_letter"]).inc();
-                                tracing::warn!(event_id = %poison.id, reason = %poison.reason, "invalid outbox row; sending it to the dead-letter destination");
-                                deadletter::for_row(&poison, pos, &cfg.cloudevents)
-                            }
-                        };
-                        progress.add(*id);
-                        let key = env.aggregate_id.clone();
-                        let commit_micros = pos.commit_time.timestamp_micros();
-                        let item = Item { txn: *id, env, attempt: 0, commit_micros };
-                        if let Some(item) = gate.admit(&key, item) {
-                            in_flight.push(deliver(ctx, item, Duration::ZERO));
-                        }
-                        pos.index += 1;
-                    }
-                    Change::Commit { end_lsn } => {
-                        if let Some((id, _)) = txn.take() {
-                            if let Some(lsn) = progress.commit(id, end_lsn) {
-                                confirm_txns(&stream, t, &progress, lsn);
-                            }
-                        }
-                    }
-                    Change::Idle { wal_end } => {
-                        // Nothing open and nothing unacknowledged: everything the server
-                        // decoded before `wal_end` is handled, so the slot may move there.
-                        // This keeps WAL of other tables from piling up behind an idle outbox.
-                        if txn.is_none() && progress.is_idle() {
-                            confirm(&stream, t, wal_end);
-                        }
-                    }
-                }
-            }
-        }
-    };
-
-    if outcome.is_ok() {
-        // The drain shares the deadline of reading the open transaction: together they
-        // take at most `sink.shutdown_timeout_secs` from the signal. (Each used to get
-        // the whole timeout, so a hung broker made SIGTERM wait twice as long.)
-        let deadline = stop_by.unwrap_or_else(|| {
-            tokio::time::Instant::now() + Duration::from_secs(cfg.sink.shutdown_timeout_secs)
-        });
-        drain(
-            ctx,
-            &mut progress,
-            &mut gate,
-            &mut in_flight,
-            &stream,
-            deadline,
-        )
-        .await;
-    }
-    t.metrics.events_in_flight.set(0);
-    // After a clean stop, give the final confirmation time to reach the server; after an
-    // error the connection is gone and nothing can be sent, so do not wait for it.
-    let wait = if outcome.is_ok() {
-        FINAL_CONFIRM_TIMEOUT
-    } else {
-        Duration::ZERO
-    };
-    stream.close(wait).await;
-    match (outcome, blocked) {
-        (Ok(()), Some(problem)) => Err(SourceError::Blocked(problem).into()),
-        (outcome, _) => outcome,
-    }
-}
-
-/// On shutdown, after the drain: how long the final confirmed position may take to
-/// reach Postgres and the replication connection to close. Part of the margin the
-/// README states on top of `sink.shutdown_timeout_secs` (5 s in all, with `main`'s
-/// bounds on the HTTP server and on releasing the broker client).
-const FINAL_CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
-
 /// Awaits a set-up step for at most 60 s.
-async fn bounded<T>(
+pub(super) async fn bounded<T>(
     step: impl std::future::Future<Output = Result<T, SourceError>>,
 ) -> Result<T, SourceError> {
     tokio::time::timeout(Duration::from_secs(60), step)
         .await
         .map_err(|_| SourceError::Connection("set-up took longer than 60 s".into()))?
 }
-
-fn confirm(stream: &Stream, t: &Telemetry, lsn: u64) {
-    stream.confirm(lsn);
-    t.health.set_confirmed(lsn);
-}
-
-/// Confirms `lsn`, the end of the transactions `progress` just released, and
-/// records their commit time as acknowledged (the retention watermark).
-fn confirm_txns(stream: &Stream, t: &Telemetry, progress: &Progress, lsn: u64) {
-    confirm(stream, t, lsn);
-    if let Some(micros) = progress.confirmed_commit_micros() {
-        t.health.set_acked_commit(micros);
-    }
-}
-
-/// Builds the envelope of a row, or the poison row it is.
-pub(crate) fn envelope(
-    cfg: &Config,
-    row: Result<OutboxRow, PoisonRow>,
-    pos: &Position,
-) -> Result<Envelope, PoisonRow> {
-    let row = row?;
-    let event = to_cloudevent(&row, pos, &cfg.cloudevents).map_err(|e| PoisonRow {
-        id: row.id.clone(),
-        aggregate_id: Some(row.aggregate_id.clone()),
-        code: e.reason_code(),
-        reason: e.to_string(),
-        row: row.raw(),
-    })?;
-    Ok(Envelope::of_row(event, row))
-}
-
-/// Handles one publish outcome: ack and release the key, retry, or stop.
-fn on_result(
-    ctx: &Ctx<'_>,
-    progress: &mut Progress,
-    gate: &mut Gate<Item>,
-    in_flight: &InFlight,
-    stream: &Stream,
-    item: Item,
-    result: Result<Delivered, SinkError>,
-) -> Result<(), RelayError> {
-    let (m, sink) = (&ctx.t.metrics, ctx.sink.name());
-    match result {
-        Ok(delivered) => {
-            sink_recovered(ctx.t);
-            acknowledged(ctx.t, sink, &item, &delivered);
-            if let Some(lsn) = progress.ack(item.txn) {
-                confirm_txns(stream, ctx.t, progress, lsn);
-            }
-            if let Some(next) = gate.release(&item.env.aggregate_id) {
-                in_flight.push(deliver(ctx, next, Duration::ZERO));
-            }
-            Ok(())
-        }
-        Err(e) if e.is_retryable() => {
-            let wait = backoff::delay(&ctx.cfg.retry, item.attempt);
-            publish_failed(ctx.t, &e);
-            tracing::debug!(event_id = %item.env.event.id(), attempt = item.attempt + 1, reason = e.reason(), error = %e, retry_in_ms = wait.as_millis() as u64, "publish failed; retrying");
-            let item = Item {
-                attempt: item.attempt.saturating_add(1),
-                ..item
-            };
-            in_flight.push(deliver(ctx, item, wait));
-            Ok(())
-        }
-        Err(e @ SinkError::Rejected { .. }) => {
-            m.publish_errors
-                .with_label_values(&[sink, e.reason()])
-                .inc();
-            ctx.t.health.set_error(Some(e.to_string()));
-            match rejected(ctx, &item.env, &e, "event")? {
-                // Same transaction, same aggregate key (still held): order is kept.
-                Some(env) => in_flight.push(deliver(
-                    ctx,
-                    Item {
-                        env,
-                        attempt: 0,
-                        ..item
-                    },
-                    Duration::ZERO,
-                )),
-                // Recorded in the log: handled, like an ack.
-                None => {
-                    if let Some(lsn) = progress.ack(item.txn) {
-                        confirm_txns(stream, ctx.t, progress, lsn);
-                    }
-                    if let Some(next) = gate.release(&item.env.aggregate_id) {
-                        in_flight.push(deliver(ctx, next, Duration::ZERO));
-                    }
-                }
-            }
-            Ok(())
-        }
-        Err(e) => {
-            m.publish_errors
-                .with_label_values(&[sink, e.reason()])
-                .inc();
-            Err(e.into())
-        }
-    }
-}
-
-/// The `sink.on_rejected` policy for an event the broker refused for good: the dead
-/// letter to send in its place, the halt, or `None` when the event was a dead letter
-/// that is itself too large: it is then recorded in the log (it carries no payload,
-/// see `deadletter`) and counted, and the stream moves on. `what` names the event in
-/// the log.
-fn rejected(
-    ctx: &Ctx<'_>,
-    env: &Envelope,
-    e: &SinkError,
-    what: &str,
-) -> Result<Option<Envelope>, RelayError> {
-    let m = &ctx.t.metrics;
-    let id = env.event.id().to_string();
-    if env.dead_letter && e.reason() == "too_large" {
-        m.poison_events
-            .with_label_values(&[e.reason(), "logged"])
-            .inc();
-        let record = match env.event.data() {
-            Some(cloudevents::Data::Json(v)) => v.to_string(),
-            _ => String::new(),
-        };
-        tracing::error!(event_id = %id, error = %e, dead_letter = %record, "the dead letter does not fit the broker either; it is recorded in this log line instead and the stream moves on");
-        return Ok(None);
-    }
-    // A dead letter refused for another reason (its destination is off limits or
-    // invalid) cannot go anywhere until an operator fixes that: halt, keep it.
-    if ctx.cfg.sink.on_rejected == PoisonPolicy::Halt || env.dead_letter {
-        m.poison_events
-            .with_label_values(&[e.reason(), "halt"])
-            .inc();
-        tracing::error!(event_id = %id, reason = e.reason(), error = %e, dead_letter = env.dead_letter, "broker rejected {what}; halting");
-        return Err(RelayError::Halted {
-            id,
-            reason: e.to_string(),
-            policy_key: "on_rejected",
-        });
-    }
-    m.poison_events
-        .with_label_values(&[e.reason(), "dead_letter"])
-        .inc();
-    tracing::warn!(event_id = %id, reason = e.reason(), error = %e, "broker rejected {what}; sending it to the dead-letter destination");
-    Ok(Some(deadletter::for_rejected(
-        env,
-        e.reason(),
-        &e.to_string(),
-        &ctx.cfg.cloudevents,
-    )))
-}
-
-/// A publish attempt failed and is retried: counted, and logged once when the sink
-/// starts failing (then summarised every [`FAILING_SUMMARY`] by the loop), not once
-/// per event and attempt: a broker outage with 1,000 events in flight would
-/// otherwise write thousands of lines a minute.
-fn publish_failed(t: &Telemetry, e: &SinkError) {
-    t.metrics
-        .publish_errors
-        .with_label_values(&[e.sink(), e.reason()])
-        .inc();
-    if t.health.sink_failed(e.to_string()) {
-        t.metrics.sink_failing.set(1);
-        tracing::warn!(reason = e.reason(), error = %e, "publishing fails; events are retried with backoff, in order, until the broker takes them (attempts are counted in outboxd_publish_errors_total)");
-    }
-}
-
-/// A publish succeeded: ends (and logs the end of) a failure of the sink.
-fn sink_recovered(t: &Telemetry) {
-    if let Some(r) = t.health.sink_recovered() {
-        t.metrics.sink_failing.set(0);
-        tracing::info!(
-            failed_attempts = r.failed_attempts,
-            seconds = r.seconds,
-            "publishing recovered"
-        );
-    }
-}
-
-/// While the sink fails, one summary line this often.
-const FAILING_SUMMARY: Duration = Duration::from_secs(60);
-
-/// The summary line of a failing sink, at most every [`FAILING_SUMMARY`].
-fn summarise_failure(t: &Telemetry, last: &mut tokio::time::Instant) {
-    let Some((since, attempts)) = t.health.sink_failing() else {
-        return;
-    };
-    if last.elapsed() < FAILING_SUMMARY {
-        return;
-    }
-    *last = tokio::time::Instant::now();
-    let seconds = (chrono::Utc::now() - since).num_seconds();
-    let error = t.health.report().sink.error.unwrap_or_default();
-    tracing::warn!(
-        failing_for_secs = seconds,
-        failed_attempts = attempts,
-        latest_error = %error,
-        "publishing still fails; retrying"
-    );
-}
-
-/// Counters of one delivered envelope: published, dead letters, broker duplicates.
-fn delivered(t: &Telemetry, sink: &str, env: &Envelope, d: &Delivered) {
-    let m = &t.metrics;
-    m.published(sink, &d.destination);
-    if env.dead_letter {
-        let reason = env
-            .event
-            .extension("deadletterreason")
-            .map(|v| v.to_string());
-        m.dead_letters
-            .with_label_values(&[reason.as_deref().unwrap_or("unknown")])
-            .inc();
-    }
-    if d.duplicate {
-        m.duplicates.with_label_values(&[sink]).inc();
-    }
-}
-
-/// Metrics of one acknowledged event.
-fn acknowledged(t: &Telemetry, sink: &str, item: &Item, d: &Delivered) {
-    let m = &t.metrics;
-    delivered(t, sink, &item.env, d);
-    let now = chrono::Utc::now();
-    m.end_to_end_latency
-        .observe((now.timestamp_micros() - item.commit_micros).max(0) as f64 / 1e6);
-    m.last_ack_timestamp_seconds
-        .set(now.timestamp_micros() as f64 / 1e6);
-}
-
-/// Waits until `deadline` (the end of `sink.shutdown_timeout_secs` from the signal)
-/// for in-flight events to be acknowledged so their LSN is confirmed before we exit.
-/// Nothing new is read, no failed publish is retried: what is not acknowledged is sent
-/// again after restart.
-async fn drain(
-    ctx: &Ctx<'_>,
-    progress: &mut Progress,
-    gate: &mut Gate<Item>,
-    in_flight: &mut InFlight,
-    stream: &Stream,
-    deadline: tokio::time::Instant,
-) {
-    let pending = in_flight.len() + gate.parked();
-    let mut acked = 0usize;
-    while !in_flight.is_empty() {
-        let next = tokio::time::timeout_at(deadline, in_flight.next()).await;
-        let Ok(Some((item, result))) = next else {
-            break;
-        };
-        match &result {
-            Ok(delivered) => {
-                acked += 1;
-                acknowledged(ctx.t, ctx.sink.name(), &item, delivered);
-                if let Some(lsn) = progress.ack(item.txn) {
-                    confirm_txns(stream, ctx.t, progress, lsn);
-                }
-                // Events already read wait behind this one for their aggregate: send
-                // them too (within the deadline), or the confirmed position would stop
-                // at the first of them and every later acknowledged event would be
-                // sent again after the restart.
-                if let Some(next) = gate.release(&item.env.aggregate_id) {
-                    in_flight.push(deliver(ctx, next, Duration::ZERO));
-                }
-            }
-            // No retries while shutting down: this aggregate stops here, and the slot
-            // resends from the first unconfirmed event after the restart.
-            Err(_) => while gate.release(&item.env.aggregate_id).is_some() {},
-        }
-    }
-    // Whatever was not acknowledged (failed, still in flight at the deadline, or
-    // waiting behind one of those) stays unconfirmed and is sent again after a restart.
-    let unacknowledged = pending.saturating_sub(acked);
-    ctx.unacknowledged.set(unacknowledged);
-    if unacknowledged == 0 {
-        tracing::info!(waited_for = pending, "in-flight events drained");
-    } else {
-        tracing::warn!(
-            waited_for = pending,
-            acknowledged = acked,
-            unacknowledged,
-            "in-flight events not all acknowledged before the shutdown deadline; the slot was not confirmed past them, so they are sent again after a restart"
-        );
-    }
-}
-
-fn deliver(
-    ctx: &Ctx<'_>,
-    item: Item,
-    wait: Duration,
-) -> BoxFuture<'static, (Item, Result<Delivered, SinkError>)> {
-    let (sink, timer) = (ctx.sink.clone(), ctx.publish_duration.clone());
-    Box::pin(async move {
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
-        let started = std::time::Instant::now();
-        let r = sink.publish(&item.env).await;
-        timer.observe(started.elapsed().as_secs_f64());
-        (item, r)
-    })
-}
-
-pub use crate::lsn::lsn_text;

@@ -18,10 +18,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{bounded, lsn_text, snapshot, Ctx, RelayError};
-use crate::replay::Selection;
+use super::{bounded, snapshot, Ctx, RelayError};
+use crate::lsn::lsn_text;
 use crate::source::control::{check_plugin, Control, SlotInfo};
 use crate::source::state::{self, Identity, SlotRecord, StateAccess, Verdict};
+use crate::source::table::Selection;
 use crate::source::SourceError;
 
 /// Prepares the slot to stream from; `Ok(None)` on shutdown.

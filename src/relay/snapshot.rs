@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  advisory lock ─▶ temporary slot + exported snapshot (source::export) ─▶ consistent point C
-//!      │            read the table in that snapshot (replay::plan, cursor, 1000 rows a batch)
+//!      │            read the table in that snapshot (source::table::plan, cursor, 1000 rows a batch)
 //!      │            publish every row, wait for every ack (per-aggregate order kept)
 //!      └──────────▶ copy the temporary slot into postgres.slot (at C) ─▶ stream after C
 //! ```
@@ -32,15 +32,13 @@ use cloudevents::AttributesReader;
 use futures::stream::{self, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
-use super::{Ctx, RelayError};
+use super::policy::{self, Action};
+use super::{outcome, Ctx, RelayError};
 use crate::backoff;
-use crate::config::PoisonPolicy;
-use crate::deadletter;
-use crate::event::Position;
-use crate::replay::{self, ReplayError, Selection};
-use crate::sink::{Envelope, SinkError};
+use crate::event::{table_envelope, Envelope, Position};
 use crate::source::control::{Control, SlotInfo};
 use crate::source::export::ExportedSlot;
+use crate::source::table::{self, PlanError, Selection};
 use crate::source::SourceError;
 
 /// Rows fetched from the cursor per round trip; they are all acknowledged before
@@ -76,7 +74,7 @@ pub(super) async fn take(
         return Ok(None);
     };
     let exported = exported?;
-    tracing::info!(slot = %slot, consistent_point = %super::lsn_text(exported.consistent_point()), "{what} started");
+    tracing::info!(slot = %slot, consistent_point = %crate::lsn::lsn_text(exported.consistent_point()), "{what} started");
     let started = std::time::Instant::now();
     let Some(published) = publish_rows(
         ctx,
@@ -97,7 +95,7 @@ pub(super) async fn take(
     let info = control.slot(slot).await?.ok_or_else(|| {
         SourceError::Setup(format!("replication slot {slot} vanished after the {what}"))
     })?;
-    tracing::info!(slot = %slot, published, seconds = started.elapsed().as_secs_f64(), start_lsn = %super::lsn_text(info.confirmed_flush_lsn), "{what} done; streaming from the new slot");
+    tracing::info!(slot = %slot, published, seconds = started.elapsed().as_secs_f64(), start_lsn = %crate::lsn::lsn_text(info.confirmed_flush_lsn), "{what} done; streaming from the new slot");
     Ok(Some((info, copied)))
 }
 
@@ -132,7 +130,7 @@ async fn publish_rows(
     what: &str,
 ) -> Result<Option<u64>, RelayError> {
     let cfg = ctx.cfg;
-    let read = replay::plan(control, cfg, selection)
+    let read = table::plan(control, cfg, selection)
         .await
         .map_err(source_error)?;
     let mut published = 0u64;
@@ -159,35 +157,15 @@ async fn publish_rows(
         // Per aggregate, in read order: one queue each.
         let mut queues: HashMap<String, Vec<Envelope>> = HashMap::new();
         for values in rows {
-            let env = match replay::table_envelope(cfg, &read.layout, &values, index) {
+            let env = match table_envelope(&cfg.cloudevents, &read.layout, &values, index) {
                 Ok(env) => env,
                 Err(poison) => {
-                    let code = poison.code;
-                    if cfg.sink.on_invalid == PoisonPolicy::Halt {
-                        ctx.t
-                            .metrics
-                            .poison_events
-                            .with_label_values(&[code, "halt"])
-                            .inc();
-                        tracing::error!(event_id = %poison.id, reason = %poison.reason, "invalid outbox row in the {what}; halting (sink.on_invalid = halt)");
-                        return Err(RelayError::Halted {
-                            id: poison.id,
-                            reason: poison.reason,
-                            policy_key: "on_invalid",
-                        });
-                    }
-                    ctx.t
-                        .metrics
-                        .poison_events
-                        .with_label_values(&[code, "dead_letter"])
-                        .inc();
-                    tracing::warn!(event_id = %poison.id, reason = %poison.reason, "invalid outbox row in the {what}; sending it to the dead-letter destination");
                     let pos = Position {
                         commit_lsn: 0,
                         commit_time: chrono::Utc::now(),
                         index,
                     };
-                    deadletter::for_row(&poison, &pos, &cfg.cloudevents)
+                    outcome::invalid(ctx, poison, &pos, &format!(" in the {what}"))?
                 }
             };
             index = index.wrapping_add(1);
@@ -234,15 +212,19 @@ async fn publish(
         ctx.publish_duration
             .observe(started.elapsed().as_secs_f64());
         ctx.t.health.tick();
-        match result {
+        let e = match result {
             Ok(delivered) => {
-                super::sink_recovered(ctx.t);
-                super::delivered(ctx.t, sink, &env, &delivered);
+                outcome::sink_recovered(ctx.t);
+                outcome::delivered(ctx.t, sink, &env, &delivered);
                 m.snapshot_events.inc();
                 return Ok(true);
             }
-            Err(e) if e.is_retryable() => {
-                super::publish_failed(ctx.t, &e);
+            Err(e) => e,
+        };
+        let on_rejected = ctx.cfg.sink.on_rejected;
+        match policy::on_error(&e, attempt, None, on_rejected, env.dead_letter) {
+            Action::Retry => {
+                outcome::publish_failed(ctx.t, &e);
                 let wait = backoff::delay(&ctx.cfg.retry, attempt);
                 attempt = attempt.saturating_add(1);
                 tracing::debug!(event_id = %env.event.id(), attempt, reason = e.reason(), error = %e, retry_in_ms = wait.as_millis() as u64, "initial snapshot: publish failed; retrying");
@@ -251,21 +233,21 @@ async fn publish(
                     _ = tokio::time::sleep(wait) => {}
                 }
             }
-            Err(e @ SinkError::Rejected { .. }) => {
-                m.publish_errors
-                    .with_label_values(&[sink, e.reason()])
-                    .inc();
-                match super::rejected(ctx, &env, &e, "an initial snapshot event")? {
-                    Some(dead_letter) => env = dead_letter,
-                    None => return Ok(true),
-                }
-                attempt = 0;
-            }
-            Err(e) => {
+            Action::Fail => {
                 m.publish_errors
                     .with_label_values(&[sink, e.reason()])
                     .inc();
                 return Err(e.into());
+            }
+            action => {
+                m.publish_errors
+                    .with_label_values(&[sink, e.reason()])
+                    .inc();
+                match outcome::rejected(ctx, &env, &e, action, "an initial snapshot event")? {
+                    Some(dead_letter) => env = dead_letter,
+                    None => return Ok(true),
+                }
+                attempt = 0;
             }
         }
     }
@@ -289,10 +271,10 @@ async fn watch<T>(
 }
 
 /// A failed table read as the relay classifies it (a lost connection is retried).
-fn source_error(e: ReplayError) -> RelayError {
+fn source_error(e: PlanError) -> RelayError {
     match e {
-        ReplayError::Source(e) => e.into(),
-        ReplayError::Schema(e) => SourceError::Schema(e).into(),
+        PlanError::Source(e) => e.into(),
+        PlanError::Schema(e) => SourceError::Schema(e).into(),
         other => SourceError::Setup(format!("initial snapshot: {other}")).into(),
     }
 }

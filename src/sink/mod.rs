@@ -11,18 +11,15 @@
 //! down, timeout: retry with backoff, never dead-letter) and [`SinkError::Rejected`]
 //! (this event can never be accepted: the poison-row policy decides).
 
+pub mod binding;
 pub mod kafka;
 pub mod nats;
 pub mod stdout;
 
-use std::borrow::Cow;
-
-use cloudevents::event::Data;
-use cloudevents::{AttributesReader, Event};
-use serde::ser::{Serialize, SerializeMap, Serializer};
-
-use crate::config::{Config, SinkKind};
-use crate::metrics::Metrics;
+use crate::config::{Config, ConfigError, SinkKind};
+use crate::event::Envelope;
+use crate::route::Template;
+use crate::telemetry::Metrics;
 
 /// A publish failure, sorted by what happens next.
 #[derive(Debug, thiserror::Error)]
@@ -91,43 +88,6 @@ impl SinkError {
     }
 }
 
-/// What the relay hands a sink: the event plus the row fields routing needs.
-#[derive(Debug, Clone)]
-pub struct Envelope {
-    /// The CloudEvent.
-    pub event: Event,
-    /// Aggregate type (routing).
-    pub aggregate_type: String,
-    /// Aggregate id (ordering key).
-    pub aggregate_id: String,
-    /// Event type without prefix (routing).
-    pub event_type: String,
-    /// Goes to the dead-letter destination instead of the templated one.
-    pub dead_letter: bool,
-}
-
-impl Envelope {
-    /// The envelope of `row`'s event (not a dead letter).
-    pub fn of_row(event: Event, row: crate::outbox::OutboxRow) -> Self {
-        Self {
-            event,
-            aggregate_type: row.aggregate_type,
-            aggregate_id: row.aggregate_id,
-            event_type: row.event_type,
-            dead_letter: false,
-        }
-    }
-
-    /// The template fields of this envelope.
-    pub fn fields(&self) -> crate::route::Fields<'_> {
-        crate::route::Fields {
-            aggregate_type: &self.aggregate_type,
-            aggregate_id: &self.aggregate_id,
-            event_type: &self.event_type,
-        }
-    }
-}
-
 /// A successful delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivered {
@@ -150,28 +110,34 @@ pub enum Sink {
 }
 
 impl Sink {
-    /// Connects the sink named by `[sink] kind`. With `metrics`, the sink counts what
+    /// Connects the sink named by `[sink] kind` (`routes`, from [`validate`]). With `metrics`, the sink counts what
     /// it does by itself: broker connections re-established after a loss
     /// (`outboxd_reconnects_total{component="broker"}`) and Kafka producer
     /// replacements.
-    pub async fn connect(cfg: &Config, metrics: Option<&Metrics>) -> Result<Self, SinkError> {
+    pub async fn connect(
+        cfg: &Config,
+        routes: &Routes,
+        metrics: Option<&Metrics>,
+    ) -> Result<Self, SinkError> {
         if let Some(m) = metrics {
             m.known_labels(name_of(cfg.sink.kind), Self::error_reasons(cfg.sink.kind));
         }
-        match cfg.sink.kind {
-            SinkKind::Stdout => Ok(Sink::Stdout(stdout::StdoutSink::new())),
-            SinkKind::Nats => Ok(Sink::Nats(
+        match routes {
+            Routes::Stdout => Ok(Sink::Stdout(stdout::StdoutSink::new())),
+            Routes::Nats { subject } => Ok(Sink::Nats(
                 nats::NatsSink::connect(
                     &cfg.nats,
+                    subject.clone(),
                     &cfg.retry,
                     metrics.map(|m| m.reconnects.with_label_values(&["broker"])),
                 )
                 .await?,
             )),
-            SinkKind::Kafka => {
+            Routes::Kafka { topic, key } => {
                 let replacements = metrics.map(|m| m.producer_replacements.clone());
                 Ok(Sink::Kafka(
-                    kafka::KafkaSink::connect(&cfg.kafka, replacements).await?,
+                    kafka::KafkaSink::connect(&cfg.kafka, topic.clone(), key.clone(), replacements)
+                        .await?,
                 ))
             }
         }
@@ -247,117 +213,52 @@ fn name_of(kind: SinkKind) -> &'static str {
     }
 }
 
-/// The attributes and extensions outboxd writes on every event, and their header names
-/// in the NATS (`ce-`) and Kafka (`ce_`) bindings: static, so the hot path allocates no
-/// header name for them.
-const HEADER_NAMES: [(&str, &str, &str); 11] = [
-    ("id", "ce-id", "ce_id"),
-    ("source", "ce-source", "ce_source"),
-    ("specversion", "ce-specversion", "ce_specversion"),
-    ("type", "ce-type", "ce_type"),
-    ("subject", "ce-subject", "ce_subject"),
-    ("time", "ce-time", "ce_time"),
-    ("dataschema", "ce-dataschema", "ce_dataschema"),
-    ("correlationid", "ce-correlationid", "ce_correlationid"),
-    ("causationid", "ce-causationid", "ce_causationid"),
-    ("partitionkey", "ce-partitionkey", "ce_partitionkey"),
-    ("sequence", "ce-sequence", "ce_sequence"),
-];
-
-/// The header names of [`HEADER_NAMES`] for `separator` (see [`ce_header_name`]).
-pub fn ce_header_names(separator: char) -> impl Iterator<Item = &'static str> {
-    HEADER_NAMES
-        .iter()
-        .map(move |(_, dash, underscore)| if separator == '-' { *dash } else { *underscore })
+/// The destinations of the configured sink, parsed once at start-up by [`validate`]
+/// and handed to [`Sink::connect`].
+#[derive(Debug, Clone)]
+pub enum Routes {
+    /// stdout routes nothing.
+    Stdout,
+    /// NATS.
+    Nats {
+        /// `nats.subject`.
+        subject: Template,
+    },
+    /// Kafka.
+    Kafka {
+        /// `kafka.topic`.
+        topic: Template,
+        /// `kafka.key`.
+        key: Template,
+    },
 }
 
-/// The binding's header name of attribute `name`, `separator` being `-` (NATS, HTTP)
-/// or `_` (Kafka).
-pub fn ce_header_name(name: &str, separator: char) -> Cow<'static, str> {
-    match HEADER_NAMES.iter().find(|(attr, _, _)| *attr == name) {
-        Some((_, dash, _)) if separator == '-' => Cow::Borrowed(dash),
-        Some((_, _, underscore)) if separator == '_' => Cow::Borrowed(underscore),
-        _ => Cow::Owned(format!("ce{separator}{name}")),
-    }
-}
-
-/// The canonical string of an attribute value, as the SDK's `Display` writes it, but
-/// without the formatting machinery (and its allocation) for the string-valued ones,
-/// which are all but `time` and `specversion` on outboxd's events.
-pub fn attribute_text<'a>(value: &cloudevents::event::AttributeValue<'a>) -> Cow<'a, str> {
-    use cloudevents::event::AttributeValue as A;
-    match value {
-        A::String(s) => Cow::Borrowed(s),
-        A::URIRef(s) => Cow::Borrowed(s.as_str()),
-        A::URI(u) => Cow::Borrowed(u.as_str()),
-        other => Cow::Owned(other.to_string()),
-    }
-}
-
-/// [`attribute_text`] of an extension value.
-pub fn extension_text(value: &cloudevents::event::ExtensionValue) -> Cow<'_, str> {
-    match value {
-        cloudevents::event::ExtensionValue::String(s) => Cow::Borrowed(s),
-        other => Cow::Owned(other.to_string()),
-    }
-}
-
-/// The JSON event format of an event (structured content mode), as the SDK writes it,
-/// except that data which the event carries as bytes under a JSON `datacontenttype`
-/// (how [`crate::event`] keeps a row's JSON payload) is embedded as JSON in `data`,
-/// unchanged, rather than as `data_base64`.
-pub struct Structured<'a>(pub &'a Event);
-
-impl Serialize for Structured<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let e = self.0;
-        let json_bytes = match (e.data(), e.datacontenttype()) {
-            (Some(Data::Binary(b)), Some(ct)) if crate::event::is_json(ct) => Some(b),
-            _ => None,
-        };
-        let Some(bytes) = json_bytes else {
-            return e.serialize(serializer);
-        };
-        let text = std::str::from_utf8(bytes).map_err(serde::ser::Error::custom)?;
-        let data: &serde_json::value::RawValue =
-            serde_json::from_str(text).map_err(serde::ser::Error::custom)?;
-        let mut m = serializer.serialize_map(None)?;
-        m.serialize_entry("specversion", e.specversion().as_str())?;
-        m.serialize_entry("id", e.id())?;
-        m.serialize_entry("type", e.ty())?;
-        m.serialize_entry("source", e.source())?;
-        m.serialize_entry("datacontenttype", e.datacontenttype().unwrap_or_default())?;
-        if let Some(schema) = e.dataschema() {
-            m.serialize_entry("dataschema", schema)?;
+/// What the sink's settings mean, checked right after the config loads (the config
+/// itself checks only their shape): NATS's credentials and TLS files make sense,
+/// librdkafka accepts `[kafka.properties]`, and the routing templates parse; they are
+/// returned, parsed, for [`Sink::connect`]. Each error names the key to change.
+pub fn validate(cfg: &Config) -> Result<Routes, ConfigError> {
+    let template = |key: &str, text: &str| {
+        Template::parse(text).map_err(|e| ConfigError::invalid(key, e.to_string()))
+    };
+    Ok(match cfg.sink.kind {
+        SinkKind::Nats => {
+            cfg.nats.validate_security()?;
+            Routes::Nats {
+                subject: template("nats.subject", &cfg.nats.subject)?,
+            }
         }
-        if let Some(subject) = e.subject() {
-            m.serialize_entry("subject", subject)?;
+        SinkKind::Kafka => {
+            let routes = Routes::Kafka {
+                topic: template("kafka.topic", &cfg.kafka.topic)?,
+                key: template("kafka.key", &cfg.kafka.key)?,
+            };
+            kafka::client::check_properties(&cfg.kafka)
+                .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
+            routes
         }
-        if let Some(time) = e.time() {
-            m.serialize_entry("time", time)?;
-        }
-        m.serialize_entry("data", data)?;
-        for (name, value) in e.iter_extensions() {
-            m.serialize_entry(name, value)?;
-        }
-        m.end()
-    }
-}
-
-/// [`Structured`] as bytes.
-pub fn structured_json(event: &Event) -> Result<Vec<u8>, serde_json::Error> {
-    serde_json::to_vec(&Structured(event))
-}
-
-/// The sink's meaning checks that need its client library, run right after the
-/// configuration loads (exit 78 on failure, like every configuration error): today
-/// librdkafka's verdict on `[kafka.properties]`.
-pub fn check_config(cfg: &Config) -> Result<(), crate::config::ConfigError> {
-    if cfg.sink.kind == SinkKind::Kafka {
-        kafka::client::check_properties(&cfg.kafka)
-            .map_err(|(key, reason)| crate::config::ConfigError::Invalid { key, reason })?;
-    }
-    Ok(())
+        SinkKind::Stdout => Routes::Stdout,
+    })
 }
 
 #[cfg(test)]
@@ -384,7 +285,14 @@ mod tests {
             }
             out
         };
-        let nats = literals(include_str!("nats.rs"));
+        let nats: Vec<String> = [
+            include_str!("nats/mod.rs"),
+            include_str!("nats/encode.rs"),
+            include_str!("nats/auth.rs"),
+        ]
+        .iter()
+        .flat_map(|s| literals(s))
+        .collect();
         let kafka: Vec<String> = [
             include_str!("kafka/mod.rs"),
             include_str!("kafka/classify.rs"),
@@ -411,66 +319,8 @@ mod tests {
             .skip(1);
         for r in rejects.map(|p| p.split('"').next().unwrap_or_default()) {
             assert!(
-                crate::metrics::POISON_REASONS.contains(&r),
+                crate::telemetry::POISON_REASONS.contains(&r),
                 "poison reason {r}"
-            );
-        }
-    }
-    use cloudevents::{EventBuilder, EventBuilderV10};
-
-    fn event(data: Data, content_type: &str) -> Event {
-        EventBuilderV10::new()
-            .id("e-1")
-            .source("/s")
-            .ty("T")
-            .subject("a-1")
-            .extension("sequence", "0001")
-            .data(content_type, data)
-            .build()
-            .expect("valid")
-    }
-
-    #[test]
-    fn json_bytes_are_embedded_as_json_exactly_as_written() {
-        let raw = br#"{"b": 1, "a": [true]}"#;
-        let e = event(Data::Binary(raw.to_vec()), "application/json");
-        let text = String::from_utf8(structured_json(&e).expect("encodes")).expect("utf-8");
-        assert!(text.contains(r#""data":{"b": 1, "a": [true]}"#), "{text}");
-        assert!(!text.contains("data_base64"), "{text}");
-        // What the SDK reads back is the same event with the data as a JSON value.
-        let back: Event = serde_json::from_str(&text).expect("a CloudEvent");
-        assert_eq!(back.id(), "e-1");
-        assert_eq!(back.subject(), Some("a-1"));
-        assert_eq!(
-            back.extension("sequence").map(|v| v.to_string()).as_deref(),
-            Some("0001")
-        );
-        assert_eq!(
-            back.data(),
-            Some(&Data::Json(serde_json::json!({"b": 1, "a": [true]})))
-        );
-    }
-
-    #[test]
-    fn header_names_follow_the_bindings() {
-        assert_eq!(ce_header_name("id", '-'), "ce-id");
-        assert_eq!(ce_header_name("sequence", '_'), "ce_sequence");
-        assert_eq!(ce_header_name("traceparent", '-'), "ce-traceparent");
-        assert_eq!(ce_header_name("traceparent", '_'), "ce_traceparent");
-    }
-
-    #[test]
-    fn other_data_is_written_by_the_sdk() {
-        for (data, ct) in [
-            (Data::Binary(vec![0, 159]), "application/octet-stream"),
-            (Data::String("plain".into()), "text/plain"),
-            (Data::Json(serde_json::json!({"k": 1})), "application/json"),
-        ] {
-            let e = event(data, ct);
-            assert_eq!(
-                structured_json(&e).expect("encodes"),
-                serde_json::to_vec(&e).expect("encodes"),
-                "{ct}"
             );
         }
     }

@@ -22,11 +22,12 @@ impl StdoutSink {
 
     /// Writes and flushes one line. The lock keeps concurrent lines whole.
     pub fn publish(&self, env: &Envelope) -> Result<Delivered, SinkError> {
-        let mut line = super::structured_json(&env.event).map_err(|e| SinkError::Rejected {
-            sink: "stdout",
-            reason: "encode",
-            detail: e.to_string(),
-        })?;
+        let mut line =
+            crate::event::structured_json(&env.event).map_err(|e| SinkError::Rejected {
+                sink: "stdout",
+                reason: "encode",
+                detail: e.to_string(),
+            })?;
         line.push(b'\n');
         let mut out = std::io::stdout().lock();
         out.write_all(&line)

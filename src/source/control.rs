@@ -41,56 +41,6 @@ pub struct SlotStats {
     pub safe_wal_size: Option<i64>,
 }
 
-/// A read-only REPEATABLE READ transaction reading the outbox through a cursor
-/// (`outboxd replay`), with the same text rendering as the stream (ISO dates, UTC).
-pub struct Snapshot<'a> {
-    tx: tokio_postgres::Transaction<'a>,
-}
-
-fn sql_params(params: &[String]) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
-    params
-        .iter()
-        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
-        .collect()
-}
-
-impl Snapshot<'_> {
-    /// `SELECT count(*) FROM <from>`.
-    pub async fn count(&self, from: &str, params: &[String]) -> Result<i64, SourceError> {
-        let row = self
-            .tx
-            .query_one(&format!("SELECT count(*) FROM {from}"), &sql_params(params))
-            .await
-            .map_err(SourceError::query)?;
-        Ok(row.get(0))
-    }
-
-    /// Opens the cursor over `select`.
-    pub async fn declare(&self, select: &str, params: &[String]) -> Result<(), SourceError> {
-        self.tx
-            .execute(
-                &format!("DECLARE replay NO SCROLL CURSOR FOR {select}"),
-                &sql_params(params),
-            )
-            .await
-            .map(|_| ())
-            .map_err(SourceError::query)
-    }
-
-    /// The next `n` rows as text values (empty at the end).
-    pub async fn fetch(
-        &self,
-        n: i64,
-    ) -> Result<Vec<Vec<crate::source::pgoutput::Value>>, SourceError> {
-        let rows = self
-            .tx
-            .query(&format!("FETCH {n} FROM replay"), &[])
-            .await
-            .map_err(SourceError::query)?;
-        Ok(rows.iter().map(crate::replay::values_of).collect())
-    }
-}
-
 /// An open SQL connection.
 pub struct Control {
     pub(super) client: Client,
@@ -235,22 +185,31 @@ impl Control {
         table: &str,
     ) -> Result<Option<Vec<(String, String)>>, SourceError> {
         let (schema, name) = split_table(table);
-        let rows = self
-            .client
+        let rows = self.attributes(schema, name).await?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(rows.iter().map(|r| (r.get(1), r.get(3))).collect()))
+    }
+
+    /// The live columns of `schema.table` in order, one row each: the table's oid,
+    /// the column's name, type oid and type as SQL writes it. Empty if no such table.
+    pub(super) async fn attributes(
+        &self,
+        schema: &str,
+        table: &str,
+    ) -> Result<Vec<tokio_postgres::Row>, SourceError> {
+        self.client
             .query(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) \
+                "SELECT c.oid, a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod) \
                  FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
                  JOIN pg_namespace n ON n.oid = c.relnamespace \
                  WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
                  ORDER BY a.attnum",
-                &[&schema, &name],
+                &[&schema, &table],
             )
             .await
-            .map_err(SourceError::query)?;
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
+            .map_err(SourceError::query)
     }
 
     /// Whether the connected role may delete from `table` (retention).
@@ -319,7 +278,7 @@ impl Control {
                  and apply its SQL as the table owner",
                 p.publication
             ))),
-            None => match self.client.batch_execute(&create_publication_sql(cfg)).await {
+            None => match self.client.batch_execute(&super::sql::create_publication_sql(cfg)).await {
                 Ok(()) => {
                     tracing::info!(publication = %p.publication, table = %p.table, "created publication");
                     Ok(())
@@ -453,62 +412,6 @@ impl Control {
         Ok((slot, by_us))
     }
 
-    /// The table's columns (names and type OIDs), as a Relation message would give them.
-    pub async fn relation(
-        &self,
-        schema: &str,
-        table: &str,
-    ) -> Result<crate::source::pgoutput::Relation, SourceError> {
-        let rows = self
-            .client
-            .query(
-                "SELECT c.oid, a.attname::text, a.atttypid \
-                 FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
-                 JOIN pg_namespace n ON n.oid = c.relnamespace \
-                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped \
-                 ORDER BY a.attnum",
-                &[&schema, &table],
-            )
-            .await
-            .map_err(SourceError::query)?;
-        let Some(first) = rows.first() else {
-            return Err(SourceError::Setup(format!(
-                "table {schema}.{table} does not exist"
-            )));
-        };
-        let id: u32 = first.get(0);
-        let cols = rows
-            .iter()
-            .map(|r| (r.get::<_, String>(1), r.get::<_, u32>(2)))
-            .collect();
-        Ok(crate::replay::relation_of(id, schema, table, cols))
-    }
-
-    /// Starts a read-only snapshot for a replay; with `exported`, the snapshot a slot
-    /// creation exported (the initial snapshot), so it sees exactly the transactions
-    /// committed before the slot's consistent point.
-    pub async fn snapshot(&mut self, exported: Option<&str>) -> Result<Snapshot<'_>, SourceError> {
-        let tx = self
-            .client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(SourceError::query)?;
-        if let Some(name) = exported {
-            // Must come before the transaction's first query. The name was checked
-            // to be `[0-9A-F-]+` where it was read (source::export).
-            tx.batch_execute(&format!("SET TRANSACTION SNAPSHOT '{name}'"))
-                .await
-                .map_err(SourceError::query)?;
-        }
-        tx.batch_execute("SET LOCAL datestyle = ISO; SET LOCAL timezone = 'UTC'")
-            .await
-            .map_err(SourceError::query)?;
-        Ok(Snapshot { tx })
-    }
-
     /// Takes the session-level advisory lock that lets one instance at a time take
     /// the initial snapshot of `slot`; false when another session holds it. Held
     /// until this connection closes (also when the process dies).
@@ -610,49 +513,4 @@ pub fn parse_lsn(s: &str) -> Result<u64, SourceError> {
     pgwire_replication::Lsn::parse(s)
         .map(|l| l.as_u64())
         .map_err(|e| SourceError::Setup(format!("server sent a malformed LSN {s:?}: {e}")))
-}
-
-/// `CREATE PUBLICATION` for the outbox table, inserts only.
-pub fn create_publication_sql(cfg: &Config) -> String {
-    let (schema, table) = split_table(&cfg.postgres.table);
-    format!(
-        "CREATE PUBLICATION {} FOR TABLE {schema}.{table} WITH (publish = 'insert');",
-        cfg.postgres.publication
-    )
-}
-
-/// The default outbox table (see README, "The outbox table").
-pub fn create_table_sql(cfg: &Config) -> String {
-    let (schema, table) = split_table(&cfg.postgres.table);
-    let c = &cfg.postgres.columns;
-    let mut cols = vec![
-        format!("  {} uuid PRIMARY KEY DEFAULT gen_random_uuid()", c.id),
-        format!("  {} text NOT NULL", c.aggregate_type),
-        format!("  {} text NOT NULL", c.aggregate_id),
-        format!("  {} text NOT NULL", c.event_type),
-        format!("  {} jsonb NOT NULL", c.payload),
-    ];
-    for (name, ty) in [
-        (&c.correlation_id, "text"),
-        (&c.causation_id, "text"),
-        (&c.headers, "jsonb"),
-        (&c.created_at, "timestamptz NOT NULL DEFAULT now()"),
-        (&c.content_type, "text"),
-    ] {
-        if !name.is_empty() {
-            cols.push(format!("  {name} {ty}"));
-        }
-    }
-    format!(
-        "CREATE TABLE IF NOT EXISTS {schema}.{table} (\n{}\n);",
-        cols.join(",\n")
-    )
-}
-
-/// `pg_create_logical_replication_slot` for the configured slot.
-pub fn create_slot_sql(cfg: &Config) -> String {
-    format!(
-        "SELECT pg_create_logical_replication_slot('{}', 'pgoutput');",
-        cfg.postgres.slot
-    )
 }

@@ -15,8 +15,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::deadletter::PoisonRow;
-use crate::outbox::{parse_rfc3339, OutboxRow, PayloadKind};
+use super::outbox::{is_json, parse_rfc3339, OutboxRow, PayloadKind, PoisonRow};
 
 #[derive(Deserialize)]
 struct Envelope<'a> {
@@ -81,11 +80,8 @@ pub fn decode(content: &[u8]) -> Result<OutboxRow, PoisonRow> {
     let payload = env
         .payload
         .ok_or_else(|| fail("payload is missing".into()))?;
-    let text_payload = env
-        .content_type
-        .as_deref()
-        .is_some_and(|c| !crate::event::is_json(c))
-        && payload.get().starts_with('"');
+    let text_payload =
+        env.content_type.as_deref().is_some_and(|c| !is_json(c)) && payload.get().starts_with('"');
     let (payload, payload_kind) = if text_payload {
         let s: String = serde_json::from_str(payload.get()).map_err(|e| fail(e.to_string()))?;
         (Bytes::from(s), PayloadKind::Text)
@@ -116,26 +112,6 @@ pub fn decode(content: &[u8]) -> Result<OutboxRow, PoisonRow> {
         created_at,
         content_type: env.content_type,
     })
-}
-
-/// The SQL helper applications call inside their transaction; returns the event id.
-pub fn emit_function_sql(schema: &str, prefix: &str) -> String {
-    format!(
-        "CREATE OR REPLACE FUNCTION {schema}.outbox_emit(\n\
-         \x20 aggregate_type text, aggregate_id text, event_type text, payload jsonb,\n\
-         \x20 correlation_id text DEFAULT NULL, causation_id text DEFAULT NULL, headers jsonb DEFAULT NULL\n\
-         ) RETURNS uuid LANGUAGE plpgsql AS $fn$\n\
-         DECLARE event_id uuid := gen_random_uuid();\n\
-         BEGIN\n\
-         \x20 PERFORM pg_logical_emit_message(true, '{prefix}', jsonb_strip_nulls(jsonb_build_object(\n\
-         \x20   'id', event_id, 'aggregate_type', aggregate_type, 'aggregate_id', aggregate_id,\n\
-         \x20   'event_type', event_type, 'payload', payload, 'correlation_id', correlation_id,\n\
-         \x20   'causation_id', causation_id, 'headers', headers,\n\
-         \x20   'created_at', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')))::text);\n\
-         \x20 RETURN event_id;\n\
-         END\n\
-         $fn$;"
-    )
 }
 
 #[cfg(test)]
@@ -191,12 +167,5 @@ mod tests {
             decode(br#"{"aggregate_type":"A","aggregate_id":"a","event_type":"T","payload":{}}"#)
                 .expect_err("no id");
         assert_eq!(p.reason, "id is missing");
-    }
-
-    #[test]
-    fn the_sql_helper_names_the_prefix() {
-        let sql = emit_function_sql("public", "outboxd.event");
-        assert!(sql.contains("CREATE OR REPLACE FUNCTION public.outbox_emit("));
-        assert!(sql.contains("pg_logical_emit_message(true, 'outboxd.event'"));
     }
 }

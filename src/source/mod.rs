@@ -24,9 +24,12 @@ pub mod control;
 pub(crate) mod export;
 pub mod message;
 pub mod monitor;
+pub mod outbox;
 pub mod pgoutput;
 pub mod privileges;
+pub mod sql;
 pub mod state;
+pub mod table;
 pub mod tls;
 pub mod version;
 
@@ -40,8 +43,7 @@ use pgwire_replication::{
 };
 
 use crate::config::{split_table, ColumnMapping, Config};
-use crate::deadletter::PoisonRow;
-use crate::outbox::{Layout, OutboxError, OutboxRow};
+use outbox::{Layout, OutboxError, OutboxRow, PoisonRow};
 use pgoutput::Message;
 
 /// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01).

@@ -33,10 +33,10 @@ use tokio_util::sync::CancellationToken;
 use super::control::Control;
 use super::state::{self, XminMark};
 use crate::config::Config;
-use crate::health::Telemetry;
+use crate::telemetry::Telemetry;
 
 /// Prefix of heartbeat messages (ignored by the relay's event path).
-pub const HEARTBEAT_PREFIX: &str = "outboxd.heartbeat";
+pub use crate::config::HEARTBEAT_PREFIX;
 
 /// Runs until `shutdown`.
 pub async fn run(cfg: Arc<Config>, telemetry: Arc<Telemetry>, shutdown: CancellationToken) {
@@ -53,7 +53,7 @@ pub async fn run(cfg: Arc<Config>, telemetry: Arc<Telemetry>, shutdown: Cancella
         }
         // Only the streaming instance writes heartbeats and the record; standbys would
         // only add WAL.
-        let streaming = telemetry.health.role() == crate::health::Role::Streaming;
+        let streaming = telemetry.health.role() == crate::telemetry::Role::Streaming;
         if let Some(c) = &control {
             let polled = async {
                 let confirmed = poll_slot(c, &cfg, &telemetry).await?;

@@ -52,20 +52,6 @@ pub const EMIT_MESSAGE_FN_SQL: &str =
     "COALESCE(to_regprocedure('pg_catalog.pg_logical_emit_message(boolean, text, text, boolean)'), \
      to_regprocedure('pg_catalog.pg_logical_emit_message(boolean, text, text)'))";
 
-/// `GRANT EXECUTE` on the text variant of `pg_logical_emit_message` to `role` (an
-/// identifier, quoted where needed), as one statement that works on every version:
-/// the signature changed in 17 (see the module docs).
-pub fn grant_emit_message_sql(role: &str) -> String {
-    format!(
-        "DO $grant$ BEGIN\n\
-         IF to_regprocedure('pg_catalog.pg_logical_emit_message(boolean, text, text, boolean)') IS NOT NULL THEN\n\
-         \x20 GRANT EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message(boolean, text, text, boolean) TO {role}; -- PostgreSQL 17+\n\
-         ELSE\n\
-         \x20 GRANT EXECUTE ON FUNCTION pg_catalog.pg_logical_emit_message(boolean, text, text) TO {role};\n\
-         END IF; END $grant$;"
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,12 +76,5 @@ mod tests {
         );
         assert!(create_exported_temp_slot(150_000, "s").ends_with("(SNAPSHOT 'export')"));
         assert!(create_exported_temp_slot(180_004, "s").ends_with("(SNAPSHOT 'export')"));
-    }
-
-    #[test]
-    fn the_grant_names_both_signatures() {
-        let sql = grant_emit_message_sql("\"relay role\"");
-        assert!(sql.contains("(boolean, text, text, boolean) TO \"relay role\";"));
-        assert!(sql.contains("(boolean, text, text) TO \"relay role\";"));
     }
 }

@@ -221,7 +221,7 @@ impl Postgres {
     pub async fn create_outbox(&self) {
         self.client()
             .await
-            .batch_execute(OUTBOX_DDL)
+            .batch_execute(outbox_ddl())
             .await
             .expect("create outbox");
     }
@@ -301,18 +301,32 @@ impl Drop for Postgres {
     }
 }
 
-/// The default outbox table of the README.
-pub const OUTBOX_DDL: &str = "CREATE TABLE public.outbox (
-    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-    aggregate_type text NOT NULL,
-    aggregate_id text NOT NULL,
-    event_type text NOT NULL,
-    payload jsonb NOT NULL,
-    correlation_id text,
-    causation_id text,
-    headers jsonb,
-    created_at timestamptz NOT NULL DEFAULT now()
-);";
+/// The default outbox table as `outboxd setup` prints it: the DDL exists once, in
+/// `source::sql`, and the tests create the table users get.
+pub fn outbox_ddl() -> &'static str {
+    static DDL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DDL.get_or_init(|| setup_statement("CREATE TABLE IF NOT EXISTS public.outbox ("))
+}
+
+/// The statement of `outboxd setup`'s script (default config) that begins with
+/// `start`, up to its closing `);`.
+pub fn setup_statement(start: &str) -> String {
+    let url = (
+        "OUTBOXD_POSTGRES__URL",
+        "postgres://outboxd@localhost/outboxd",
+    );
+    let setup = secure::outboxd(None, &["setup"], &[url]);
+    assert_eq!(setup.code, Some(0), "outboxd setup failed: {}", setup.all());
+    let from = setup
+        .stdout
+        .find(start)
+        .unwrap_or_else(|| panic!("outboxd setup prints no {start}: {}", setup.stdout));
+    let rest = &setup.stdout[from..];
+    let end = rest
+        .find(");")
+        .unwrap_or_else(|| panic!("{start} is not closed: {rest}"));
+    rest[..end + 2].to_string()
+}
 
 /// A `nats-server -js` on a free port.
 pub struct Nats {

@@ -46,7 +46,7 @@ pub fn encode(event: &Event, mode: ContentMode) -> Result<Encoded, EncodeError> 
                 Cow::Borrowed("content-type"),
                 STRUCTURED_CONTENT_TYPE.into(),
             )],
-            value: Some(crate::sink::structured_json(event)?),
+            value: Some(crate::event::structured_json(event)?),
         }),
         ContentMode::Binary => {
             let mut headers = Vec::with_capacity(12);
@@ -54,14 +54,17 @@ pub fn encode(event: &Event, mode: ContentMode) -> Result<Encoded, EncodeError> 
                 let header = if name == "datacontenttype" {
                     Cow::Borrowed("content-type")
                 } else {
-                    crate::sink::ce_header_name(name, '_')
+                    crate::sink::binding::ce_header_name(name, '_')
                 };
-                headers.push((header, crate::sink::attribute_text(&value).into_owned()));
+                headers.push((
+                    header,
+                    crate::sink::binding::attribute_text(&value).into_owned(),
+                ));
             }
             for (name, value) in event.iter_extensions() {
                 headers.push((
-                    crate::sink::ce_header_name(name, '_'),
-                    crate::sink::extension_text(value).into_owned(),
+                    crate::sink::binding::ce_header_name(name, '_'),
+                    crate::sink::binding::extension_text(value).into_owned(),
                 ));
             }
             let value = match event.data() {

@@ -80,18 +80,14 @@ pub struct KafkaSink {
 impl KafkaSink {
     /// Creates the producer and waits until a broker answers a metadata request;
     /// producer replacements are counted in `replacements` (by reason) when given.
+    /// `topic` and `key` are `kafka.topic` and `kafka.key`, parsed by
+    /// [`crate::sink::validate`].
     pub async fn connect(
         cfg: &KafkaConfig,
+        topic: Template,
+        key: Template,
         replacements: Option<prometheus::IntCounterVec>,
     ) -> Result<Self, SinkError> {
-        let topic = Template::parse(&cfg.topic).map_err(|e| SinkError::Fatal {
-            sink: SINK,
-            detail: format!("kafka.topic: {e}"),
-        })?;
-        let key = Template::parse(&cfg.key).map_err(|e| SinkError::Fatal {
-            sink: SINK,
-            detail: format!("kafka.key: {e}"),
-        })?;
         for warning in client::weakened(&cfg.properties) {
             tracing::warn!(%warning, "kafka.properties weakens a delivery guarantee");
         }

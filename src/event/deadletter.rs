@@ -16,7 +16,7 @@
 //! it was not what the broker refused and is at most [`MAX_DATA`] bytes, and an id
 //! longer than [`MAX_ID`] bytes is replaced by a digest of it (`outboxd-<32 hex>`),
 //! stable across redeliveries so the broker still deduplicates. A row's columns are
-//! cut by [`crate::outbox`] at 64 KiB each.
+//! cut by [`crate::source::outbox`] at 64 KiB each.
 //!
 //! Pure: building a dead letter does no I/O.
 
@@ -24,9 +24,9 @@ use std::borrow::Cow;
 
 use cloudevents::{AttributesReader, EventBuilder, EventBuilderV10};
 
+use super::{Envelope, Position, Structured};
 use crate::config::CloudEventsConfig;
-use crate::event::Position;
-use crate::sink::Envelope;
+use crate::source::outbox::PoisonRow;
 
 /// CloudEvent type of every dead letter.
 pub const DEAD_LETTER_TYPE: &str = "io.outboxd.deadletter";
@@ -37,21 +37,6 @@ pub const MAX_TEXT: usize = 1024;
 pub const MAX_ID: usize = 256;
 /// Largest event data a dead letter of a rejected event carries.
 pub const MAX_DATA: usize = 64 * 1024;
-
-/// A poison row: not a valid outbox row or not a valid event.
-#[derive(Debug, Clone)]
-pub struct PoisonRow {
-    /// Row id (`<unknown>` when the id itself is missing).
-    pub id: String,
-    /// Aggregate id, when the row has one (keeps the dead letter in its order).
-    pub aggregate_id: Option<String>,
-    /// Short reason code (metrics label, `deadletterreason`).
-    pub code: &'static str,
-    /// What is wrong.
-    pub reason: String,
-    /// The row's columns as JSON.
-    pub row: serde_json::Value,
-}
 
 /// The dead letter of a poison row.
 pub fn for_row(p: &PoisonRow, pos: &Position, cfg: &CloudEventsConfig) -> Envelope {
@@ -96,9 +81,7 @@ pub fn for_rejected(
     // The data stays with the row; it is copied only when it is small and was not
     // what the broker refused.
     if code != "too_large" && data_size <= MAX_DATA {
-        if let Ok(serde_json::Value::Object(full)) =
-            serde_json::to_value(crate::sink::Structured(e))
-        {
+        if let Ok(serde_json::Value::Object(full)) = serde_json::to_value(Structured(e)) {
             for key in ["data", "data_base64"] {
                 if let Some(v) = full.get(key) {
                     event.insert(key.to_string(), v.clone());
@@ -302,7 +285,7 @@ mod tests {
         // When it is rejected as too large
         let dl = for_rejected(&env, "too_large", &huge, &CloudEventsConfig::default());
         // Then its dead letter is a few KiB, with a stable digest for an id
-        let bytes = crate::sink::structured_json(&dl.event).expect("encodes");
+        let bytes = crate::event::structured_json(&dl.event).expect("encodes");
         assert!(bytes.len() < 32 * 1024, "{} bytes", bytes.len());
         assert!(dl.event.id().starts_with("outboxd-") && dl.event.id().len() == 40);
         assert_eq!(

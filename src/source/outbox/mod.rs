@@ -7,11 +7,16 @@
 //! missing or malformed value is an [`OutboxError::Invalid`] (a poison row, handled by
 //! the configured policy). This module never decides what to do with either.
 
-use bytes::Bytes;
-use chrono::{DateTime, NaiveDateTime, Utc};
+mod value;
 
+use value::decode_bytea;
+pub use value::{parse_rfc3339, parse_timestamp};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+
+use super::pgoutput::{Relation, Value};
 use crate::config::ColumnMapping;
-use crate::source::pgoutput::{Relation, Value};
 
 /// Postgres type OIDs the outbox understands.
 mod oid {
@@ -42,6 +47,27 @@ const ID_TYPES: &[u32] = &[
 const PAYLOAD_TYPES: &[u32] = &[oid::JSONB, oid::JSON, oid::TEXT, oid::VARCHAR, oid::BYTEA];
 const JSON_TYPES: &[u32] = &[oid::JSONB, oid::JSON];
 const TIME_TYPES: &[u32] = &[oid::TIMESTAMPTZ, oid::TIMESTAMP];
+
+/// A poison row: not a valid outbox row or not a valid event.
+#[derive(Debug, Clone)]
+pub struct PoisonRow {
+    /// Row id (`<unknown>` when the id itself is missing).
+    pub id: String,
+    /// Aggregate id, when the row has one (keeps the dead letter in its order).
+    pub aggregate_id: Option<String>,
+    /// Short reason code (metrics label, `deadletterreason`).
+    pub code: &'static str,
+    /// What is wrong.
+    pub reason: String,
+    /// The row's columns as JSON.
+    pub row: serde_json::Value,
+}
+
+/// True for `application/json`, `text/json` and any `+json` type, as the SDK decides.
+pub fn is_json(content_type: &str) -> bool {
+    let base = content_type.split(';').next().unwrap_or("").trim();
+    base == "application/json" || base == "text/json" || base.ends_with("+json")
+}
 
 /// Why a table or a row cannot be used.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
@@ -334,82 +360,10 @@ fn text(values: &[Value], i: usize) -> Option<Result<String, ()>> {
     raw(values, i).map(|b| std::str::from_utf8(b).map(str::to_owned).map_err(|_| ()))
 }
 
-/// bytea text output (`\x` + hex), as with the default `bytea_output = hex`.
-fn decode_bytea(b: &[u8]) -> Option<Bytes> {
-    let hex = b.strip_prefix(b"\\x")?;
-    if hex.len() % 2 != 0 {
-        return None;
-    }
-    let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    hex.chunks(2)
-        .map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?))
-        .collect::<Option<Vec<u8>>>()
-        .map(Bytes::from)
-}
-
-/// Parses an RFC 3339 timestamp (the table-less outbox's `created_at`).
-pub fn parse_rfc3339(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s)
-        .ok()
-        .map(|t| t.with_timezone(&Utc))
-}
-
-/// Parses `2026-11-23 10:49:40.123456+00` (timestamptz) or the same without offset
-/// (timestamp, taken as UTC).
-pub fn parse_timestamp(s: &str) -> Option<DateTime<Utc>> {
-    // Fast path, once per event: what the server sends with `datestyle=ISO` and
-    // `timezone=UTC` (the replication connection sets both) is RFC 3339 but for the
-    // space and the short offset, and chrono's RFC 3339 parser is several times
-    // cheaper than a format-string parse.
-    if let Some(local) = s.strip_suffix("+00") {
-        if local.len() >= 19 && local.is_char_boundary(10) && local.as_bytes()[10] == b' ' {
-            let mut rfc3339 = String::with_capacity(local.len() + 6);
-            rfc3339.push_str(&local[..10]);
-            rfc3339.push('T');
-            rfc3339.push_str(&local[11..]);
-            rfc3339.push_str("+00:00");
-            if let Some(t) = parse_rfc3339(&rfc3339) {
-                return Some(t);
-            }
-        }
-    }
-    if let Ok(t) = DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%#z") {
-        return Some(t.with_timezone(&Utc));
-    }
-    NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f")
-        .ok()
-        .map(|n| n.and_utc())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn timestamps_parse_the_same_on_the_fast_path() {
-        for s in [
-            "2026-11-23 10:49:40.123456+00",
-            "2026-11-23 10:49:40+00",
-            "2026-11-23 10:49:40.5+00",
-            "1999-12-31 23:59:59.999999+00",
-        ] {
-            let slow = DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%#z")
-                .expect("valid")
-                .with_timezone(&Utc);
-            assert_eq!(parse_timestamp(s), Some(slow), "{s}");
-        }
-        // Other offsets, no offset and junk take the general path.
-        assert_eq!(
-            parse_timestamp("2026-11-23 12:49:40+02"),
-            parse_timestamp("2026-11-23 10:49:40+00")
-        );
-        assert_eq!(
-            parse_timestamp("2026-11-23 10:49:40"),
-            parse_timestamp("2026-11-23 10:49:40+00")
-        );
-        assert_eq!(parse_timestamp("2026-11-23 1x:49:40+00"), None);
-        assert_eq!(parse_timestamp("é+00"), None);
-    }
     use crate::source::pgoutput::RelationColumn;
 
     fn rel(cols: &[(&str, u32)]) -> Relation {
@@ -546,12 +500,5 @@ mod tests {
         assert_eq!(&row.payload[..], &[0x00, 0xff, 0x41]);
         vals[4] = t("\\x0");
         assert!(l.row(&vals).is_err());
-    }
-
-    #[test]
-    fn timestamps_without_zone_are_utc() {
-        let ts = parse_timestamp("2026-01-02 03:04:05").expect("parses");
-        assert_eq!(ts.to_rfc3339(), "2026-01-02T03:04:05+00:00");
-        assert!(parse_timestamp("yesterday").is_none());
     }
 }

@@ -22,8 +22,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::metrics::Metrics;
-
 /// How long the relay loop may go without a tick before `/healthz` fails.
 pub const LIVENESS_WINDOW: Duration = Duration::from_secs(60);
 
@@ -121,14 +119,6 @@ struct Inner {
     server_confirmed_lsn: u64,
     lag_bytes: i64,
     server_read_at: Option<DateTime<Utc>>,
-}
-
-/// Metrics plus health: everything the endpoints read.
-pub struct Telemetry {
-    /// All metrics.
-    pub metrics: Metrics,
-    /// Role, watchdog, readiness.
-    pub health: Health,
 }
 
 /// Role, progress, watchdog.
@@ -348,13 +338,13 @@ impl Health {
             role: i.role,
             slot: self.slot.clone(),
             publication: self.publication.clone(),
-            confirmed_lsn: crate::relay::lsn_text(self.confirmed_lsn.load(Ordering::Relaxed)),
+            confirmed_lsn: crate::lsn::lsn_text(self.confirmed_lsn.load(Ordering::Relaxed)),
             confirmed_at: match self.confirmed_at_micros.load(Ordering::Relaxed) {
                 0 => None,
                 us => DateTime::<Utc>::from_timestamp_micros(us).map(|t| rfc3339(&t)),
             },
-            server_wal_lsn: crate::relay::lsn_text(i.server_wal_lsn),
-            server_confirmed_lsn: crate::relay::lsn_text(i.server_confirmed_lsn),
+            server_wal_lsn: crate::lsn::lsn_text(i.server_wal_lsn),
+            server_confirmed_lsn: crate::lsn::lsn_text(i.server_confirmed_lsn),
             lag_bytes: i.lag_bytes,
             server_read_at: i.server_read_at.as_ref().map(rfc3339),
             lag_seconds: f64::from_bits(self.lag_seconds_bits.load(Ordering::Relaxed)),

@@ -7,14 +7,28 @@
 //! that exist under its literal prefix, plus the aggregate types named with
 //! `--aggregate-type`.
 
+mod broker;
+
 use std::fmt::Write as _;
+use std::process::ExitCode;
 use std::time::Duration;
 
-use crate::config::{split_table, Config, SinkKind};
-use crate::route::{Field, Fields, Sanitize, Template};
-use crate::sink::kafka::client::{self as kafka_client, ClusterView};
-use crate::sink::Sink;
+use broker::sink_check;
+
+use crate::config::Config;
+use crate::sink::Routes;
 use crate::source::control::{Control, Privileges};
+
+/// Runs every check, prints the report, and exits 1 on any FAIL.
+pub async fn run(cfg: &Config, routes: &Routes, aggregate_types: &[String]) -> ExitCode {
+    let report = checks(cfg, routes, aggregate_types).await;
+    print!("{}", render(&report));
+    if report.iter().all(|c| c.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(super::EXIT_FAILURE)
+    }
+}
 
 /// How long the broker checks wait for an answer.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -84,7 +98,7 @@ async fn version_check(control: &Control) -> Check {
 
 /// Runs all checks; stops early only where later ones cannot run. `aggregate_types`
 /// are sample aggregate types whose Kafka topics are checked by name.
-pub async fn run(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
+pub async fn checks(cfg: &Config, routes: &Routes, aggregate_types: &[String]) -> Vec<Check> {
     let mut out = vec![check("config", true, "configuration is valid")];
     let control = match Control::connect(cfg).await {
         Ok(c) => {
@@ -97,7 +111,7 @@ pub async fn run(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
                 false,
                 format!("{e}: check postgres.url and that the server is reachable"),
             ));
-            out.extend(sink_check(cfg, aggregate_types).await);
+            out.extend(sink_check(cfg, routes, aggregate_types).await);
             return out;
         }
     };
@@ -223,7 +237,7 @@ pub async fn run(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
                  `outboxd run --allow-new-slot` creates a new slot and first republishes them \
                  from the outbox table",
                 p.slot,
-                crate::relay::lsn_text(s.confirmed_flush_lsn)
+                crate::lsn::lsn_text(s.confirmed_flush_lsn)
             ),
         )),
         Ok(Some(s)) if s.plugin == "pgoutput" => out.push(check(
@@ -232,7 +246,7 @@ pub async fn run(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
             format!(
                 "{} at {}{}",
                 p.slot,
-                crate::relay::lsn_text(s.confirmed_flush_lsn),
+                crate::lsn::lsn_text(s.confirmed_flush_lsn),
                 s.active_pid
                     .map(|pid| format!(", streamed by pid {pid}"))
                     .unwrap_or_default()
@@ -262,7 +276,7 @@ pub async fn run(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
         Err(e) => out.push(check("replication slot", false, e.to_string())),
     }
     out.push(record_check(&control, cfg).await);
-    out.extend(sink_check(cfg, aggregate_types).await);
+    out.extend(sink_check(cfg, routes, aggregate_types).await);
     out
 }
 
@@ -391,140 +405,6 @@ fn privilege_checks(cfg: &Config, pr: &Privileges) -> Vec<Check> {
     out
 }
 
-async fn sink_check(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
-    let name = match cfg.sink.kind {
-        SinkKind::Stdout => return vec![check("sink", true, "stdout needs no broker")],
-        SinkKind::Nats => "nats",
-        SinkKind::Kafka => return kafka_checks(cfg, aggregate_types).await,
-    };
-    let label = format!("{name} broker");
-    vec![
-        match tokio::time::timeout(BROKER_TIMEOUT, Sink::connect(cfg, None)).await {
-            Ok(Ok(_)) => check(
-                &label,
-                true,
-                format!(
-                    "{} reachable; stream ready",
-                    crate::config::redact_url(cfg.nats.url.expose())
-                ),
-            ),
-            Ok(Err(e)) => check(
-                &label,
-                false,
-                format!("{e}: check the [{name}] section and that the broker runs"),
-            ),
-            Err(_) => check(
-                &label,
-                false,
-                "no answer within 10 s: check the URL and the network",
-            ),
-        },
-    ]
-}
-
-async fn kafka_checks(cfg: &Config, aggregate_types: &[String]) -> Vec<Check> {
-    let k = &cfg.kafka;
-    let view = match kafka_client::inspect(k, BROKER_TIMEOUT).await {
-        Ok(v) => v,
-        Err(e) => {
-            return vec![check(
-                "kafka broker",
-                false,
-                format!("{e}: check kafka.brokers, the security keys of [kafka.properties] and that the broker runs"),
-            )]
-        }
-    };
-    let mut out = vec![check(
-        "kafka broker",
-        true,
-        format!(
-            "{} reachable: {} broker(s), {} topic(s)",
-            k.brokers,
-            view.brokers,
-            view.topics.len()
-        ),
-    )];
-    match Template::parse(&k.topic) {
-        Ok(t) => out.extend(topic_checks(&t, &view, aggregate_types)),
-        Err(e) => out.push(check("kafka topic", false, format!("kafka.topic: {e}"))),
-    }
-    out
-}
-
-/// Which target topics exist, and where the relay would rely on auto-creation.
-fn topic_checks(template: &Template, view: &ClusterView, samples: &[String]) -> Vec<Check> {
-    let auto = match view.auto_create {
-        Some(true) => "the broker creates missing topics (auto.create.topics.enable=true) with its default partitions and replication",
-        Some(false) => "the broker does not create topics (auto.create.topics.enable=false)",
-        None => "the broker did not report auto.create.topics.enable",
-    };
-    let named = |name: &str| {
-        match (view.topics.get(name), view.auto_create) {
-        (Some(p), _) => check("kafka topic", true, format!("{name} exists ({p} partitions)")),
-        (None, Some(true)) => check(
-            "kafka topic",
-            true,
-            format!("{name} does not exist yet; relies on auto-creation: {auto}"),
-        ),
-        (None, Some(false)) => check(
-            "kafka topic",
-            false,
-            format!("{name} does not exist and {auto}: create it"),
-        ),
-        (None, None) => check(
-            "kafka topic",
-            true,
-            format!("{name} does not exist; publishing relies on auto-creation, not confirmed ({auto}): create it to be sure"),
-        ),
-    }
-    };
-    if template.is_literal() {
-        return vec![named(template.literal_prefix())];
-    }
-    let prefix = template.literal_prefix();
-    let matching: Vec<&str> = view
-        .topics
-        .keys()
-        .filter(|t| t.starts_with(prefix))
-        .map(String::as_str)
-        .collect();
-    let shown = matching
-        .iter()
-        .take(5)
-        .copied()
-        .collect::<Vec<_>>()
-        .join(", ");
-    let more = if matching.len() > 5 { ", …" } else { "" };
-    let mut out = vec![check(
-        "kafka topics",
-        !(matching.is_empty() && view.auto_create == Some(false)),
-        format!(
-            "kafka.topic is the template {template}: {} existing topic(s) start with {prefix:?} ({shown}{more}); \
-             a topic for any other value must be created first, or {auto}",
-            matching.len()
-        ),
-    )];
-    if !samples.is_empty() {
-        if template.uses(Field::AggregateId) || template.uses(Field::EventType) {
-            out.push(check(
-                "kafka topic",
-                true,
-                "kafka.topic depends on {aggregate_id} or {event_type}: --aggregate-type alone cannot name a topic",
-            ));
-        } else {
-            for sample in samples {
-                let fields = Fields {
-                    aggregate_type: sample,
-                    aggregate_id: "",
-                    event_type: "",
-                };
-                out.push(named(&template.render(&fields, Sanitize::KafkaTopic)));
-            }
-        }
-    }
-    out
-}
-
 /// Formats the report, one line per check.
 pub fn render(checks: &[Check]) -> String {
     let mut s = String::new();
@@ -542,61 +422,6 @@ pub fn render(checks: &[Check]) -> String {
         );
     }
     s
-}
-
-/// The SQL `outboxd setup` prints, in two parts: what the table owner (or an
-/// administrator) runs once (table, publication, the relay's role and its grants),
-/// and what the relay role itself does (the slot).
-pub fn setup_sql(cfg: &Config) -> String {
-    use crate::source::control::{create_publication_sql, create_slot_sql, create_table_sql};
-    let p = &cfg.postgres;
-    let (schema, _) = split_table(&p.table);
-    let role = relay_role(cfg);
-    let heartbeat = if p.heartbeat_interval_secs > 0 {
-        format!(
-            "-- heartbeats (PUBLIC has it unless revoked; the signature gained a parameter in 17):\n{}\n",
-            crate::source::version::grant_emit_message_sql(&role)
-        )
-    } else {
-        String::new()
-    };
-    format!(
-        "-- outboxd setup for {table}, relay role {role}\n\
-         --\n\
-         -- PART 1. As the table owner (or an administrator), once.\n\
-         -- The outbox table and its publication (only the owner may publish a table):\n\
-         CREATE SCHEMA IF NOT EXISTS {schema};\n\
-         {}\n\
-         {}\n\
-         -- The relay's role: LOGIN and REPLICATION, not a superuser, not the table owner.\n\
-         -- Set its password with `\\password {role}` (password_encryption = scram-sha-256)\n\
-         -- and allow it in pg_hba.conf over TLS only; its logical replication connection\n\
-         -- matches the database's line, not `replication` lines:\n\
-         --   hostssl <database> {role} <client net> scram-sha-256\n\
-         DO $role$ BEGIN CREATE ROLE {role} LOGIN REPLICATION;\n\
-         EXCEPTION WHEN duplicate_object THEN ALTER ROLE {role} LOGIN REPLICATION; END $role$;\n\
-         GRANT USAGE ON SCHEMA {schema} TO {role};\n\
-         GRANT SELECT ON {table} TO {role}; -- outboxd replay reads the table\n\
-         {heartbeat}\
-         -- Where the relay records its slot, so that a lost slot is never replaced silently:\n\
-         {state}\n\
-         GRANT SELECT, INSERT, UPDATE ON {state_table} TO {role};\n\
-         -- Optional, the table-less outbox. Inside a transaction, call\n\
-         --    SELECT {schema}.outbox_emit('Order', 'o-1', 'OrderPlaced', '{{\"total\": 3}}');\n\
-         {}\n\
-         --\n\
-         -- PART 2. As the relay role {role} (REPLICATION suffices); `outboxd run` also\n\
-         -- does this on first start (postgres.create_slot = true). With the publication\n\
-         -- made by the owner, set postgres.create_publication = false.\n\
-         {}\n",
-        create_table_sql(cfg),
-        create_publication_sql(cfg),
-        crate::source::message::emit_function_sql(schema, &p.message_prefix),
-        create_slot_sql(cfg),
-        table = p.table,
-        state = crate::source::state::create_state_table_sql(cfg),
-        state_table = crate::source::state::state_table(cfg),
-    )
 }
 
 /// `[retention]` needs DELETE on the table and the created_at column.
@@ -624,77 +449,9 @@ async fn retention_check(control: &Control, cfg: &Config) -> Check {
     }
 }
 
-/// The role `setup` grants to: the user of `postgres.url`, unless that is the
-/// bootstrap superuser or missing (then `outboxd`), quoted where SQL needs it.
-fn relay_role(cfg: &Config) -> String {
-    let user = crate::source::control::pg_config(cfg)
-        .ok()
-        .and_then(|(pg, _)| pg.get_user().map(str::to_string))
-        .filter(|u| u != "postgres")
-        .unwrap_or_else(|| "outboxd".to_string());
-    let plain = user
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !user.starts_with(|c: char| c.is_ascii_digit());
-    if plain {
-        user
-    } else {
-        format!("\"{}\"", user.replace('"', "\"\""))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn view(topics: &[(&str, usize)], auto_create: Option<bool>) -> ClusterView {
-        ClusterView {
-            brokers: 1,
-            topics: topics.iter().map(|(t, p)| (t.to_string(), *p)).collect(),
-            auto_create,
-        }
-    }
-
-    fn template(t: &str) -> Template {
-        Template::parse(t).expect("valid")
-    }
-
-    #[test]
-    fn a_literal_topic_is_checked_by_name() {
-        let t = template("orders");
-        let ok = topic_checks(&t, &view(&[("orders", 6)], Some(false)), &[]);
-        assert_eq!(ok.len(), 1);
-        assert!(ok[0].ok && ok[0].detail.contains("orders exists (6 partitions)"));
-        let fail = topic_checks(&t, &view(&[], Some(false)), &[]);
-        assert!(!fail[0].ok, "missing and no auto-creation: {fail:?}");
-        let relied = topic_checks(&t, &view(&[], Some(true)), &[]);
-        assert!(relied[0].ok && relied[0].detail.contains("relies on auto-creation"));
-        let unknown = topic_checks(&t, &view(&[], None), &[]);
-        assert!(unknown[0].ok && unknown[0].detail.contains("not confirmed"));
-    }
-
-    #[test]
-    fn a_template_reports_its_prefix_and_the_sample_types() {
-        // Given topics for one aggregate type under the default template
-        let t = template("outbox.event.{aggregate_type}");
-        let v = view(&[("outbox.event.Order", 3), ("other", 1)], Some(false));
-        // When Order and Customer are checked
-        let c = topic_checks(&t, &v, &["Order".into(), "Customer".into()]);
-        // Then the prefix line names the match, Order passes, Customer fails
-        assert_eq!(c.len(), 3, "{c:?}");
-        assert!(
-            c[0].ok && c[0].detail.contains("1 existing topic(s)"),
-            "{c:?}"
-        );
-        assert!(c[0].detail.contains("outbox.event.Order"));
-        assert!(c[1].ok && c[1].detail.starts_with("outbox.event.Order exists"));
-        assert!(
-            !c[2].ok
-                && c[2]
-                    .detail
-                    .starts_with("outbox.event.Customer does not exist")
-        );
-    }
 
     #[test]
     fn a_warning_prints_warn_and_does_not_fail() {
@@ -714,14 +471,5 @@ mod tests {
         );
         let fail = render(&[check("wal_level", false, "is replica")]);
         assert!(fail.starts_with("FAIL wal_level"), "{fail}");
-    }
-
-    #[test]
-    fn no_matching_topic_without_auto_creation_fails() {
-        let t = template("outbox.event.{aggregate_type}");
-        let c = topic_checks(&t, &view(&[], Some(false)), &[]);
-        assert!(!c[0].ok);
-        let c = topic_checks(&t, &view(&[], None), &[]);
-        assert!(c[0].ok, "unknown auto-creation is reported, not failed");
     }
 }

@@ -14,12 +14,18 @@
 //!   sorts in commit order; plus the string/number/bool members of the `headers`
 //!   object whose names are valid CloudEvents attribute names (`traceparent`, …).
 
+pub mod deadletter;
+mod envelope;
+
+pub use envelope::{envelope, structured_json, table_envelope, Envelope, Structured};
+
 use chrono::{DateTime, Utc};
 use cloudevents::event::{Data, ExtensionValue};
 use cloudevents::{Event, EventBuilder, EventBuilderV10};
 
 use crate::config::CloudEventsConfig;
-use crate::outbox::{OutboxRow, PayloadKind};
+pub use crate::source::outbox::is_json;
+use crate::source::outbox::{OutboxRow, PayloadKind};
 
 /// Attribute names a `headers` member may not replace.
 const RESERVED: &[&str] = &[
@@ -94,12 +100,6 @@ impl Position {
     pub fn sequence(&self) -> String {
         format!("{:016X}{:08X}", self.commit_lsn, self.index)
     }
-}
-
-/// True for `application/json`, `text/json` and any `+json` type, as the SDK decides.
-pub fn is_json(content_type: &str) -> bool {
-    let base = content_type.split(';').next().unwrap_or("").trim();
-    base == "application/json" || base == "text/json" || base.ends_with("+json")
 }
 
 /// Builds the CloudEvent for `row`.
