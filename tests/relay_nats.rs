@@ -266,6 +266,9 @@ async fn sigterm_drains_confirms_and_exits_zero() {
         &[
             ("nats", "content_mode", "\"structured\""),
             ("http", "listen", &listen),
+            // The broker hangs for a few seconds below: its acks must not time out
+            // meanwhile (a timed-out event is not retried during the drain).
+            ("nats", "ack_timeout_ms", "30000"),
         ],
     ));
     pg.wait_streaming("outboxd").await;
@@ -295,14 +298,16 @@ async fn sigterm_drains_confirms_and_exits_zero() {
         .get(0);
     insert(&tx, "o-0", 1000, None).await;
     tx.commit().await.expect("commit");
+    // (every row read, the last transaction's among them, and not all acknowledged)
     assert!(
         wait_for(Duration::from_secs(30), || async {
             support::scraped(port, |t| {
-                support::metric(t, "outboxd_events_in_flight").unwrap_or(0.0) >= 1.0
+                support::metric(t, "outboxd_events_received_total").unwrap_or(0.0) >= 301.0
+                    && support::metric(t, "outboxd_events_in_flight").unwrap_or(0.0) >= 1.0
             })
         })
         .await,
-        "no event in flight"
+        "the rows were not all read, or none is in flight"
     );
 
     // When the relay gets SIGTERM, and the broker answers again a moment later

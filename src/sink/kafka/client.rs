@@ -394,16 +394,28 @@ mod tests {
     }
 
     #[test]
-    fn creation_errors_never_show_property_values() {
-        // Given a secret-looking value librdkafka refuses
-        let cfg = kafka(&[("security.protocol", "hunter2-protocol")]);
-        // When the client is created
-        let err = create::<Producer>(&producer_config(&cfg), &cfg)
+    fn creation_errors_show_only_what_is_not_secret() {
+        // Given a value from [kafka.properties_files] (a secret) that librdkafka refuses
+        let mut cfg = kafka(&[("security.protocol", "hunter2-protocol")]);
+        cfg.properties_files
+            .insert("security.protocol".into(), "/run/secrets/p".into());
+        // When the client is created, then the error names the property, not the value
+        let msg = create::<Producer>(&producer_config(&cfg), &cfg)
             .err()
-            .expect("invalid value");
-        // Then the error names the property, not the value
-        let msg = err.to_string();
+            .expect("invalid value")
+            .to_string();
         assert!(msg.contains("security.protocol"), "{msg}");
         assert!(!msg.contains("hunter2"), "{msg}");
+        // Given a plain, refused value: it is shown, and so is the text around it
+        // (redacting every value blanked 'zstd' out of 'libzstd' before)
+        let cfg = kafka(&[("compression.type", "zstdx")]);
+        let msg = create::<Producer>(&producer_config(&cfg), &cfg)
+            .err()
+            .expect("invalid value")
+            .to_string();
+        assert!(
+            msg.contains("\"zstdx\"") && !msg.contains("[redacted]"),
+            "{msg}"
+        );
     }
 }
