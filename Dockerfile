@@ -5,7 +5,8 @@
 #   docker run --read-only -v ./outboxd.toml:/etc/outboxd/outboxd.toml:ro -p 9187:9187 outboxd
 # The config file is not baked in: mount it (compose, ConfigMap) at the path in CMD.
 
-ARG RUST_VERSION=1
+# Pinned: the Rust the project is built and tested with (CI: rustc 1.95.0).
+ARG RUST_VERSION=1.95.0
 
 FROM rust:${RUST_VERSION}-bookworm AS build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -42,14 +43,25 @@ RUN extra="$(readelf -d /out/outboxd | sed -n 's/.*Shared library: \[\(.*\)\]/\1
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 
+# Set by the build (docker build --build-arg VERSION=... --build-arg REVISION=$(git rev-parse HEAD)).
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
 LABEL org.opencontainers.image.title="outboxd" \
       org.opencontainers.image.description="Transactional outbox relay: PostgreSQL logical replication to NATS JetStream and Kafka as CloudEvents" \
-      org.opencontainers.image.licenses="Apache-2.0"
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}"
 
 COPY --from=build /out/outboxd /usr/local/bin/outboxd
 
 # Nothing is written at run time, so the root filesystem may be read-only.
 USER 65532:65532
 EXPOSE 9187
+# distroless has no shell or curl: the binary probes its own /healthz (liveness: the
+# relay loop is not stuck), with the listen address and token of the mounted config.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["/usr/local/bin/outboxd", "healthcheck", "--config", "/etc/outboxd/outboxd.toml"]
 ENTRYPOINT ["/usr/local/bin/outboxd"]
 CMD ["run", "--config", "/etc/outboxd/outboxd.toml"]

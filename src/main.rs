@@ -62,7 +62,7 @@ enum Command {
         resync_table: bool,
     },
     /// Validate the config and check Postgres (wal_level, REPLICATION, table, publication,
-    /// slot) and the broker; print ok/FAIL with the fix for each; exit 1 on any FAIL.
+    /// slot) and the broker; print ok/WARN/FAIL with the fix for each; exit 1 on any FAIL.
     Check {
         #[command(flatten)]
         config: ConfigArg,
@@ -105,6 +105,12 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Probe the running relay's /healthz on http.listen; exit 0 when it answers 200.
+    /// For a container HEALTHCHECK (the image has no shell or curl).
+    Healthcheck {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Print the SQL in two parts: what the table owner runs (table, publication, the
     /// relay's least-privilege role and its grants) and what the relay role does (the
     /// slot); with --apply, create table, publication and slot as postgres.url's role
@@ -129,11 +135,19 @@ fn main() -> ExitCode {
     let (Command::Run { config: c, .. }
     | Command::Check { config: c, .. }
     | Command::Replay { config: c, .. }
-    | Command::Setup { config: c, .. }) = &cli.command;
+    | Command::Setup { config: c, .. }
+    | Command::Healthcheck { config: c }) = &cli.command;
     // Read before the config so that a config error can say why (a URL in
     // OUTBOXD_POSTGRES_URL is "missing"); logged once logging runs.
     let unused_env = outboxd::config::unused_env_vars();
-    let (cfg, routes) = match commands::load_config(c.config.as_deref()) {
+    // `setup` without --apply connects nowhere: it prints the SQL without a URL.
+    let offline = matches!(cli.command, Command::Setup { apply: false, .. });
+    let loaded = if offline {
+        commands::load_config_offline(c.config.as_deref())
+    } else {
+        commands::load_config(c.config.as_deref())
+    };
+    let (cfg, routes) = match loaded {
         Ok((mut cfg, routes)) => {
             if let Command::Run {
                 allow_new_slot,
@@ -154,7 +168,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    init_logging(&cfg);
+    // Only `run` and `replay` log as a service does; the other commands speak to a
+    // person: warnings and errors only, as text, whatever log.format says.
+    let human = matches!(
+        cli.command,
+        Command::Check { .. } | Command::Setup { .. } | Command::Healthcheck { .. }
+    );
+    init_logging(&cfg, human);
     for u in &unused_env {
         tracing::warn!(variable = %u.name, intended = u.intended.as_deref(), "{u}");
     }
@@ -225,6 +245,7 @@ fn main() -> ExitCode {
                 commands::replay::run(cfg, &sel, destination_prefix, dry_run).await
             }
             Command::Setup { apply, .. } => commands::setup::run(&cfg, apply).await,
+            Command::Healthcheck { .. } => Ok(commands::healthcheck::run(&cfg).await),
         }
     });
     // Dropping the runtime would wait for every blocking task, however long it takes.
@@ -241,14 +262,21 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(cfg: &Config) {
+/// Logging to stderr: `log.level` and `log.format` for a service; for a `human`
+/// command, warnings and errors only, as text without timestamps (server NOTICEs,
+/// which tokio-postgres logs at INFO, stay out). Colour only on a terminal.
+fn init_logging(cfg: &Config, human: bool) {
     use tracing_subscriber::EnvFilter;
     // pgwire-replication logs every failed session at ERROR, including the routine
     // "slot is active" of a standby; outboxd reports the same errors itself, once and
     // classified, so the library is quiet unless asked for by name.
     // async-nats likewise logs a refused login at ERROR without the fix; outboxd's own
     // line names the key to change.
-    let mut level = cfg.log.level.clone();
+    let mut level = if human {
+        "warn".to_string()
+    } else {
+        cfg.log.level.clone()
+    };
     for quiet in ["pgwire_replication", "async_nats"] {
         if !level.contains(quiet) {
             level.push_str(&format!(",{quiet}=off"));
@@ -260,9 +288,11 @@ fn init_logging(cfg: &Config) {
     // Logs go to stderr: stdout belongs to the stdout sink.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    match cfg.log.format {
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.init(),
+    match (human, cfg.log.format) {
+        (true, _) => builder.without_time().with_target(false).init(),
+        (false, LogFormat::Json) => builder.json().flatten_event(true).init(),
+        (false, LogFormat::Text) => builder.init(),
     }
 }

@@ -6,6 +6,7 @@
 //! doing and keeps the cause chain (`main` prints it and exits 1).
 
 pub mod check;
+pub mod healthcheck;
 pub mod replay;
 pub mod run;
 pub mod setup;
@@ -69,6 +70,14 @@ pub fn load_config(file: Option<&Path>) -> Result<(Config, Routes), ConfigError>
     crate::source::tls::resolve(&cfg.postgres).map_err(|e| match e {
         crate::source::tls::TlsError::Invalid { key, reason } => ConfigError::invalid(&key, reason),
     })?;
+    let routes = crate::sink::validate(&cfg)?;
+    Ok((cfg, routes))
+}
+
+/// [`load_config`] for a command that connects nowhere (`setup` printing its SQL):
+/// `postgres.url` may be missing, and nothing about it is checked.
+pub fn load_config_offline(file: Option<&Path>) -> Result<(Config, Routes), ConfigError> {
+    let cfg = Config::load_offline(file)?;
     let routes = crate::sink::validate(&cfg)?;
     Ok((cfg, routes))
 }

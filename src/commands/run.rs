@@ -74,7 +74,8 @@ pub async fn run(cfg: Config, routes: Routes) -> Result<ExitCode, CommandError> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// Cancels `shutdown` on SIGTERM or SIGINT.
+/// Cancels `shutdown` on SIGTERM or SIGINT; a second one exits at once (an operator
+/// who does not want to wait for the drain), with 128 + the signal's number.
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
@@ -88,6 +89,18 @@ async fn signals(shutdown: CancellationToken) {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
     };
-    tracing::info!(signal = name, "shutting down: draining in-flight events");
+    tracing::info!(
+        signal = name,
+        "shutting down: draining in-flight events (a second SIGTERM/SIGINT stops at once)"
+    );
     shutdown.cancel();
+    let (name, code) = tokio::select! {
+        _ = term.recv() => ("SIGTERM", 128 + 15),
+        _ = int.recv() => ("SIGINT", 128 + 2),
+    };
+    // Nothing is lost: the slot was confirmed only past acknowledged events, and the
+    // rest is sent again after the restart.
+    tracing::warn!(signal = name, "second signal: exiting now without draining; events not yet acknowledged are sent again after the restart");
+    eprintln!("outboxd: second signal ({name}): exiting now without draining");
+    std::process::exit(code);
 }

@@ -36,7 +36,7 @@ use file::{describe, TomlFile};
 pub use http::{HttpConfig, ReadinessMode, DEFAULT_HTTP_LISTEN};
 pub use kafka::{KafkaConfig, DEFAULT_KAFKA_MESSAGE_TIMEOUT_MS, DEFAULT_KAFKA_TOPIC};
 pub use log::{LogConfig, LogFormat};
-pub use nats::{NatsConfig, DEFAULT_NATS_SUBJECT};
+pub use nats::{NatsConfig, StreamStorage, DEFAULT_NATS_SUBJECT};
 pub use postgres::{
     ColumnMapping, PostgresConfig, PostgresTlsConfig, SslModeSetting, DEFAULT_PUBLICATION,
     DEFAULT_SLOT, DEFAULT_TABLE, HEARTBEAT_PREFIX,
@@ -133,6 +133,16 @@ pub struct Config {
 impl Config {
     /// Loads defaults, then `file` (when given), then the environment, and validates.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_inner(file, true)
+    }
+
+    /// [`Config::load`] where `postgres.url` may be missing (a command that connects
+    /// nowhere).
+    pub fn load_offline(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_inner(file, false)
+    }
+
+    fn load_inner(file: Option<&Path>, needs_url: bool) -> Result<Self, ConfigError> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {
             if !path.exists() {
@@ -146,7 +156,7 @@ impl Config {
         fig = fig.merge(env::provider());
         let mut cfg: Config = fig.extract().map_err(|e| ConfigError::Parse(describe(e)))?;
         cfg.resolve_secret_files()?;
-        cfg.validate()?;
+        cfg.validate(needs_url)?;
         Ok(cfg)
     }
 
@@ -174,8 +184,8 @@ impl Config {
         }
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        self.postgres.validate()?;
+    fn validate(&self, needs_url: bool) -> Result<(), ConfigError> {
+        self.postgres.validate(needs_url)?;
         self.cloudevents.validate()?;
         self.sink.validate()?;
         self.retry.validate()?;

@@ -26,6 +26,20 @@ pub struct NatsConfig {
     pub stream_subjects: Vec<String>,
     /// Create the stream when missing. Default true.
     pub create_stream: bool,
+    /// When outboxd creates the stream: how long it keeps a message, in seconds; 0
+    /// (default) = until another limit removes it.
+    pub stream_max_age_secs: u64,
+    /// When outboxd creates the stream: its size limit in bytes (the oldest messages
+    /// go first); -1 (default) = none.
+    pub stream_max_bytes: i64,
+    /// When outboxd creates the stream: how long JetStream remembers a `Nats-Msg-Id`
+    /// to drop a duplicate, in seconds. Default 120 (JetStream's). A relay down longer
+    /// than this re-sends its unconfirmed events as new messages.
+    pub stream_duplicate_window_secs: u64,
+    /// When outboxd creates the stream: its replicas (1, or 3/5 in a cluster). Default 1.
+    pub stream_replicas: usize,
+    /// When outboxd creates the stream: `file` (default) or `memory`.
+    pub stream_storage: StreamStorage,
     /// Dead-letter subject for poison rows. Default `outbox.deadletter`.
     pub dead_letter_subject: String,
     /// `binary` (default) or `structured`.
@@ -61,6 +75,16 @@ pub struct NatsConfig {
     pub nkey_seed_file: Option<PathBuf>,
 }
 
+/// Where the stream outboxd creates keeps its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamStorage {
+    /// On disk (survives a restart of the server).
+    File,
+    /// In memory.
+    Memory,
+}
+
 impl Default for NatsConfig {
     fn default() -> Self {
         Self {
@@ -70,6 +94,11 @@ impl Default for NatsConfig {
             stream: "OUTBOX".into(),
             stream_subjects: vec!["outbox.>".into()],
             create_stream: true,
+            stream_max_age_secs: 0,
+            stream_max_bytes: -1,
+            stream_duplicate_window_secs: 120,
+            stream_replicas: 1,
+            stream_storage: StreamStorage::File,
             dead_letter_subject: "outbox.deadletter".into(),
             content_mode: ContentMode::Binary,
             ack_timeout_ms: 5000,
@@ -100,6 +129,29 @@ impl NatsConfig {
         }
         if self.ack_timeout_ms == 0 {
             return Err(invalid("nats.ack_timeout_ms", "must be > 0"));
+        }
+        if self.stream_duplicate_window_secs == 0 {
+            return Err(invalid(
+                "nats.stream_duplicate_window_secs",
+                "must be > 0: without a window JetStream drops no duplicate",
+            ));
+        }
+        if self.stream_max_age_secs > 0
+            && self.stream_duplicate_window_secs > self.stream_max_age_secs
+        {
+            return Err(invalid(
+                "nats.stream_duplicate_window_secs",
+                "must not exceed nats.stream_max_age_secs (JetStream refuses such a stream)",
+            ));
+        }
+        if self.stream_max_bytes == 0 || self.stream_max_bytes < -1 {
+            return Err(invalid(
+                "nats.stream_max_bytes",
+                "must be > 0, or -1 for no limit",
+            ));
+        }
+        if !matches!(self.stream_replicas, 1..=5) {
+            return Err(invalid("nats.stream_replicas", "must be 1 to 5"));
         }
         Ok(())
     }

@@ -184,9 +184,9 @@ impl Default for ColumnMapping {
 
 impl PostgresConfig {
     /// Shape checks of this section; each error names the key.
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+    pub(super) fn validate(&self, needs_url: bool) -> Result<(), ConfigError> {
         let pg = self;
-        if pg.url.is_empty() {
+        if needs_url && pg.url.is_empty() {
             return Err(invalid(
                 "postgres.url",
                 "missing: set postgres.url, postgres.url_file or OUTBOXD_POSTGRES__URL",

@@ -1,10 +1,11 @@
 //! The broker's part of `outboxd check`: NATS reachable and its stream ready, or
 //! Kafka's cluster metadata and which target topics exist.
 
-use super::{check, Check, BROKER_TIMEOUT};
+use super::{check, warning, Check, BROKER_TIMEOUT};
 use crate::config::Config;
 use crate::route::{Field, Fields, Sanitize, Template};
 use crate::sink::kafka::client::{self as kafka_client, ClusterView};
+use crate::sink::nats::stream::review_stream;
 use crate::sink::{Routes, Sink};
 
 pub(super) async fn sink_check(
@@ -20,14 +21,29 @@ pub(super) async fn sink_check(
     let label = format!("{name} broker");
     vec![
         match tokio::time::timeout(BROKER_TIMEOUT, Sink::connect(cfg, routes, None)).await {
-            Ok(Ok(_)) => check(
-                &label,
-                true,
-                format!(
-                    "{} reachable; stream ready",
-                    crate::config::redact_url(cfg.nats.url.expose())
-                ),
-            ),
+            Ok(Ok(sink)) => {
+                let broker = check(
+                    &label,
+                    true,
+                    format!(
+                        "{} reachable; stream ready",
+                        crate::config::redact_url(cfg.nats.url.expose())
+                    ),
+                );
+                let Sink::Nats(nats) = &sink else {
+                    return vec![broker];
+                };
+                let review = match nats.stream_settings().await {
+                    Ok(settings) => {
+                        match review_stream(&settings, cfg.sink.shutdown_timeout_secs) {
+                            Ok(fine) => check("nats stream", true, fine),
+                            Err(problem) => warning("nats stream", problem),
+                        }
+                    }
+                    Err(e) => check("nats stream", false, e),
+                };
+                return vec![broker, review];
+            }
             Ok(Err(e)) => check(
                 &label,
                 false,

@@ -117,6 +117,15 @@ pub async fn checks(cfg: &Config, routes: &Routes, aggregate_types: &[String]) -
     };
     match crate::source::control::pg_config(cfg) {
         Ok((_, tls)) => match control.tls_version().await {
+            // Unencrypted works, but the URL's password and every event travel in
+            // clear text: a warning, with the key that changes it.
+            Ok(None) => out.push(warning(
+                "postgres tls",
+                format!(
+                    "{}; set postgres.tls.mode = \"verify-full\" (docs/security.md)",
+                    tls.describe(None)
+                ),
+            )),
             Ok(version) => out.push(check(
                 "postgres tls",
                 true,
@@ -361,11 +370,10 @@ async fn record_check(control: &Control, cfg: &Config) -> Check {
 /// grants it.
 fn privilege_checks(cfg: &Config, pr: &Privileges) -> Vec<Check> {
     let mut out = vec![match pr.missing_replication() {
-        None if pr.superuser => check(
+        None if pr.superuser => warning(
             "replication privilege",
-            true,
             format!(
-                "role {} is a superuser (a REPLICATION role suffices: see `outboxd setup`)",
+                "role {} is a superuser: a REPLICATION role suffices and can do far less harm (`outboxd setup` prints it)",
                 pr.role
             ),
         ),

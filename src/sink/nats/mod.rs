@@ -12,13 +12,14 @@
 
 pub(crate) mod auth;
 mod encode;
+pub mod stream;
 
 use std::error::Error as _;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use async_nats::jetstream::{self, context::PublishErrorKind};
 use async_nats::HeaderMap;
 use prometheus::IntCounter;
 
@@ -28,6 +29,7 @@ use crate::config::{redact_url, ContentMode, NatsConfig, RetryConfig};
 use crate::route::{Sanitize, Template};
 use auth::{NatsAuth, UrlCredentials};
 pub use encode::{encode, header_value};
+use stream::ensure_stream;
 
 const SINK: &str = "nats";
 
@@ -380,46 +382,6 @@ fn log_event(event: &async_nats::Event, fix: &'static str) {
         Event::ServerError(e) => tracing::warn!(error = %e, "nats server error"),
         Event::ClientError(e) => tracing::warn!(error = %e, "nats client error"),
         other => tracing::debug!(event = %other, "nats event"),
-    }
-}
-
-async fn ensure_stream(js: &jetstream::Context, cfg: &NatsConfig) -> Result<(), SinkError> {
-    if cfg.create_stream {
-        let config = stream::Config {
-            name: cfg.stream.clone(),
-            subjects: cfg.stream_subjects.clone(),
-            ..Default::default()
-        };
-        js.get_or_create_stream(config)
-            .await
-            .map_err(|e| SinkError::Retryable {
-                sink: SINK,
-                reason: "stream",
-                detail: format!("cannot get or create stream {}: {e}", cfg.stream),
-            })?;
-        return Ok(());
-    }
-    match js.get_stream(&cfg.stream).await {
-        Ok(_) => Ok(()),
-        Err(e)
-            if matches!(
-                e.kind(),
-                jetstream::context::GetStreamErrorKind::JetStream(_)
-            ) =>
-        {
-            Err(SinkError::Fatal {
-                sink: SINK,
-                detail: format!(
-                    "stream {} does not exist: create it, or set nats.create_stream = true ({e})",
-                    cfg.stream
-                ),
-            })
-        }
-        Err(e) => Err(SinkError::Retryable {
-            sink: SINK,
-            reason: "stream",
-            detail: format!("cannot look up stream {}: {e}", cfg.stream),
-        }),
     }
 }
 
