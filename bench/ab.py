@@ -52,7 +52,7 @@ def main():
         pg.start()
         nats = NatsServer(root, procs)
         nats.start()
-        workload.create_schema(pg)
+        workload.create_schema(pg, binaries["A"])
         js = natsclient.Nats(nats.port)
         ctx = runs.Ctx(root, procs, pg, nats, binaries["A"])
         ctx.js = js

@@ -227,7 +227,7 @@ def main():
         res["versions"] = {"postgres": pg.version, "nats": nats.version,
                            "outboxd": subprocess.run([cfg["outboxd"], "--version"],
                                                      capture_output=True, text=True).stdout.strip()}
-        res["payload_bytes"] = workload.create_schema(pg)
+        res["payload_bytes"] = workload.create_schema(pg, cfg["outboxd"])
         js = natsclient.Nats(nats.port)
         ctx = runs.Ctx(root, procs, pg, nats, cfg["outboxd"])
         ctx.js = js

@@ -1,6 +1,6 @@
 """The rows the benchmark commits: the schema, the backlogs and the paced load.
 
-Owns: the outbox table (the README's DDL) and its publication, a ~300-byte JSON
+Owns: the outbox table and its publication (made by `outboxd setup --apply`), a ~300-byte JSON
 payload over 1,000 aggregates, the two backlogs (N single-row transactions written by
 a procedure that COMMITs after every row, and one transaction of N rows), the slots,
 a server-side wait for a slot's confirmed position, and offered load at a fixed rate
@@ -11,24 +11,12 @@ being measured (every consumer must see exactly the same backlog).
 import os
 import re
 import subprocess
+import tempfile
 import time
 
 AGGREGATES = 1000
 
 SCHEMA_SQL = f"""
-CREATE TABLE public.outbox (
-  id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-  aggregate_type text NOT NULL,
-  aggregate_id text NOT NULL,
-  event_type text NOT NULL,
-  payload jsonb NOT NULL,
-  correlation_id text,
-  causation_id text,
-  headers jsonb,
-  created_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE PUBLICATION outboxd FOR TABLE public.outbox WITH (publish = 'insert');
-
 -- A ~300-byte order event (jsonb text form) for sequence number i.
 CREATE FUNCTION bench_payload(i bigint) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
   SELECT jsonb_build_object(
@@ -79,7 +67,17 @@ PGBENCH_SCRIPT = (
     f"('Order', 'order-' || (:i % {AGGREGATES}), 'OrderPlaced', bench_payload(:i));\n")
 
 
-def create_schema(pg):
+def create_schema(pg, outboxd):
+    """The outbox table and publication as `outboxd setup --apply` makes them (the DDL
+    lives in one place, the binary), then the benchmark's own functions. Returns the
+    payload's size in bytes."""
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+        f.write(f'[postgres]\nurl = "{pg.url}"\n[sink]\nkind = "stdout"\n')
+        f.flush()
+        done = subprocess.run([outboxd, "setup", "--apply", "--config", f.name],
+                              capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"outboxd setup --apply failed: {done.stdout}{done.stderr}")
     pg.sql(SCHEMA_SQL)
     size = pg.sql("SELECT octet_length(bench_payload(123456)::text)").strip()
     return int(size)
