@@ -13,7 +13,8 @@ use crate::support;
 use std::time::Duration;
 
 use support::faults::{
-    assert_no_panic, commit_marker, insert_lsn, last_line, stdout_ids, wait_confirmed_past, SLOT,
+    assert_no_panic, commit_marker, final_error, insert_lsn, last_line, stdout_ids,
+    wait_confirmed_past, SLOT,
 };
 use support::{
     assert_delivered_once, assert_per_aggregate_order, config, free_port, insert_event, metric,
@@ -120,15 +121,7 @@ async fn dropping_a_mapped_column_stops_with_its_name() {
     let after_row = insert_lsn(&db).await;
 
     // Then the relay stops with a non-zero exit naming the column and the mapping key
-    let status = relay
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("the relay kept running after a mapped column was dropped");
-    let stderr = relay.stderr();
-    assert!(!status.success(), "exit {status:?}\n{stderr}");
-    assert_no_panic(&stderr);
-    let last = last_line(&stderr);
-    eprintln!("final message: {last}");
+    let last = final_error(&mut relay, "after a mapped column was dropped").await;
     assert!(
         last.contains("event_type") && last.contains("[postgres.columns]"),
         "the final message should name the column and the mapping key: {last}"
@@ -159,15 +152,7 @@ async fn missing_table_stops_naming_the_table_and_the_fix() {
         &[("postgres", "table", "\"public.nope\"")],
     ));
     // Then it exits non-zero with a message naming the table and what to do
-    let status = relay
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("the relay kept running against a missing table");
-    let stderr = relay.stderr();
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert_no_panic(&stderr);
-    let last = last_line(&stderr);
-    eprintln!("final message: {last}");
+    let last = final_error(&mut relay, "against a missing table").await;
     assert!(
         last.contains("public.nope") && last.contains("does not exist"),
         "the message should say the table does not exist: {last}"
@@ -194,15 +179,7 @@ async fn publication_without_the_table_stops_with_alter_publication() {
     // When the relay runs
     let mut relay = Relay::spawn(&config(&pg, None, &[]));
     // Then it exits non-zero and tells how to add the table
-    let status = relay
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("the relay kept running with a publication lacking the table");
-    let stderr = relay.stderr();
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert_no_panic(&stderr);
-    let last = last_line(&stderr);
-    eprintln!("final message: {last}");
+    let last = final_error(&mut relay, "with a publication lacking the table").await;
     assert!(
         last.contains("ALTER PUBLICATION outboxd ADD TABLE public.outbox"),
         "{last}"
@@ -228,15 +205,7 @@ async fn role_without_replication_cannot_create_the_slot_and_is_told_why() {
     let url = format!("\"postgres://weak@127.0.0.1:{}/postgres\"", pg.port);
     let mut relay = Relay::spawn(&config(&pg, None, &[("postgres", "url", &url)]));
     // Then it exits non-zero and names the missing REPLICATION attribute
-    let status = relay
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("the relay kept running without REPLICATION");
-    let stderr = relay.stderr();
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert_no_panic(&stderr);
-    let last = last_line(&stderr);
-    eprintln!("final message: {last}");
+    let last = final_error(&mut relay, "without REPLICATION").await;
     assert!(
         last.contains("REPLICATION"),
         "the message should name the REPLICATION attribute (ALTER ROLE ... REPLICATION): {last}"
@@ -269,15 +238,7 @@ async fn role_without_replication_cannot_stream_and_is_told_why() {
     let url = format!("\"postgres://weak@127.0.0.1:{}/postgres\"", pg.port);
     let mut relay = Relay::spawn(&config(&pg, None, &[("postgres", "url", &url)]));
     // Then it exits non-zero with the statement that fixes it
-    let status = relay
-        .wait_exit(Duration::from_secs(30))
-        .await
-        .expect("the relay kept running without REPLICATION");
-    let stderr = relay.stderr();
-    assert_eq!(status.code(), Some(1), "{stderr}");
-    assert_no_panic(&stderr);
-    let last = last_line(&stderr);
-    eprintln!("final message: {last}");
+    let last = final_error(&mut relay, "without REPLICATION").await;
     assert!(
         last.contains("ALTER ROLE") && last.contains("REPLICATION"),
         "{last}"

@@ -226,3 +226,19 @@ pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// Waits (30 s) for `relay` to stop on its own, with exit code 1 and no panic;
+/// returns its last log line, the error it stopped with. `what` says what kept it
+/// from stopping, for the failure message.
+pub async fn final_error(relay: &mut Relay, what: &str) -> String {
+    let status = relay
+        .wait_exit(Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("the relay kept running {what}"));
+    let stderr = relay.stderr();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_no_panic(&stderr);
+    let last = last_line(&stderr).to_string();
+    eprintln!("final message: {last}");
+    last
+}
