@@ -12,7 +12,6 @@ Not a test: nothing here asserts speed, and CI never runs it.
 """
 
 import os
-import shutil
 import statistics
 import sys
 
@@ -21,7 +20,7 @@ sys.dont_write_bytecode = True  # keep bench/ free of __pycache__
 import natsclient  # noqa: E402
 import runs  # noqa: E402
 import workload  # noqa: E402
-from services import NatsServer, Postgres, Procs, install_signal_handlers  # noqa: E402
+from services import NatsServer, Postgres, Procs, fresh_root, install_signal_handlers  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [("single", "single-row transactions"), ("one", "one transaction")]
@@ -39,10 +38,7 @@ def main():
             return 1
     n = int(os.environ.get("BENCH_N", "100000"))
     repeat = int(os.environ.get("BENCH_REPEAT", "5"))
-    root = os.path.join(REPO, ".tmp/bench-ab")
-    shutil.rmtree(root, ignore_errors=True)
-    os.makedirs(root)
-    os.chmod(root, 0o777)  # the server runs as `postgres` and keeps its socket here
+    root = fresh_root(os.path.join(REPO, ".tmp/bench-ab"))
     install_signal_handlers()
     procs = Procs()
     js = None

@@ -21,7 +21,6 @@ Not a test: nothing here asserts speed, and CI never runs it.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -33,7 +32,8 @@ import probe  # noqa: E402
 import report  # noqa: E402
 import runs  # noqa: E402
 import workload  # noqa: E402
-from services import NatsServer, Postgres, Procs, Tansu, install_signal_handlers, tansu_binary  # noqa: E402
+from services import (NatsServer, Postgres, Procs, Tansu, fresh_root, install_signal_handlers,
+                      tansu_binary)  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [("single", "{n} single-row transactions"), ("one", "one transaction of {n} rows")]
@@ -209,10 +209,7 @@ def main():
     if not os.access(cfg["outboxd"], os.X_OK):
         print(f"bench: {cfg['outboxd']} not found: run `make build-release`", file=sys.stderr)
         return 1
-    root = os.path.join(REPO, ".tmp/bench")
-    shutil.rmtree(root, ignore_errors=True)
-    os.makedirs(root)
-    os.chmod(root, 0o777)  # the server runs as `postgres` and keeps its socket here
+    root = fresh_root(os.path.join(REPO, ".tmp/bench"))
 
     install_signal_handlers()
     procs = Procs()

@@ -10,6 +10,7 @@ stopped by pid, never by name), or listen on anything but 127.0.0.1.
 
 import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -80,6 +81,15 @@ class Procs:
                 fn()
             except Exception as e:  # cleanup goes on: every service must be stopped
                 print(f"bench: cleanup step failed: {e}")
+
+
+def fresh_root(path):
+    """An empty run directory at `path` that the server (running as `postgres`, with its
+    socket there) can use."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path)
+    os.chmod(path, 0o777)
+    return path
 
 
 def install_signal_handlers():
