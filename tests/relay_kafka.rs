@@ -377,3 +377,62 @@ async fn every_compression_codec_publishes() {
         );
     }
 }
+
+/// `kafka.debezium_headers`: the records also carry Debezium's `id` and `eventType`
+/// headers (off by default: then neither is written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debezium_headers_are_written_when_asked_for() {
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let kafka = Tansu::start();
+    let db = pg.client().await;
+    for (topic, on) in [("plain", false), ("debezium", true)] {
+        // Given a relay with the switch off, then on, each to its own topic
+        kafka.create_topic(topic, 1).await;
+        let quoted_topic = format!("\"{topic}\"");
+        let relay = Relay::spawn(&kafka_config(
+            &pg,
+            &kafka.brokers(),
+            &[
+                ("kafka", "topic", &quoted_topic),
+                (
+                    "kafka",
+                    "debezium_headers",
+                    if on { "true" } else { "false" },
+                ),
+                ("cloudevents", "type_prefix", "\"com.example.\""),
+            ],
+        ));
+        pg.wait_streaming("outboxd").await;
+        // When a row commits
+        let id = insert(&db, "Order", "o-1", 1).await;
+        // Then its record has id and eventType exactly when asked for
+        let mine = |records: Vec<Record>| -> Vec<Record> {
+            records
+                .into_iter()
+                .filter(|r| r.header("ce_id") == Some(id.as_str()))
+                .collect()
+        };
+        let arrived = wait_for(Duration::from_secs(30), || async {
+            !mine(read_topic(&kafka.brokers(), topic).await).is_empty()
+        })
+        .await;
+        assert!(arrived, "{topic}: no record\n{}", relay.stderr());
+        let records = mine(read_topic(&kafka.brokers(), topic).await);
+        let r = &records[0];
+        assert_eq!(r.header("ce_type"), Some("com.example.Updated"));
+        if on {
+            assert_eq!(r.header("id"), Some(id.as_str()));
+            assert_eq!(r.header("eventType"), Some("Updated"));
+        } else {
+            assert_eq!((r.header("id"), r.header("eventType")), (None, None));
+        }
+        drop(relay);
+        assert!(
+            wait_for(Duration::from_secs(30), || async {
+                pg.slot_active_pid("outboxd").await.is_none()
+            })
+            .await
+        );
+    }
+}

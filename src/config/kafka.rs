@@ -24,6 +24,10 @@ pub struct KafkaConfig {
     pub key: String,
     /// Dead-letter topic. Default `outbox.deadletter`.
     pub dead_letter_topic: String,
+    /// Also the headers Debezium's Outbox Event Router writes, for consumers moving
+    /// from it: `id` (the event id) and `eventType` (the row's event type, without
+    /// `cloudevents.type_prefix`). Default false.
+    pub debezium_headers: bool,
     /// `binary` (default) or `structured`.
     pub content_mode: ContentMode,
     /// How long librdkafka may try to deliver one record before its delivery report
@@ -45,6 +49,7 @@ impl Default for KafkaConfig {
             topic: DEFAULT_KAFKA_TOPIC.into(),
             key: "{aggregate_id}".into(),
             dead_letter_topic: "outbox.deadletter".into(),
+            debezium_headers: false,
             content_mode: ContentMode::Binary,
             message_timeout_ms: DEFAULT_KAFKA_MESSAGE_TIMEOUT_MS,
             properties: BTreeMap::new(),

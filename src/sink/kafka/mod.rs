@@ -40,6 +40,7 @@ pub mod client;
 pub mod encode;
 mod limits;
 
+use std::borrow::Cow;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -150,11 +151,22 @@ impl KafkaSink {
             self.topic.render(&env.fields(), Sanitize::KafkaTopic)
         };
         let key = self.key.render(&env.fields(), Sanitize::None);
-        let encoded = encode::encode(&env.event, self.mode).map_err(|e| SinkError::Rejected {
-            sink: SINK,
-            reason: "encode",
-            detail: e.to_string(),
-        })?;
+        let mut encoded =
+            encode::encode(&env.event, self.mode).map_err(|e| SinkError::Rejected {
+                sink: SINK,
+                reason: "encode",
+                detail: e.to_string(),
+            })?;
+        if self.kafka.debezium_headers && !env.dead_letter {
+            // Kafka headers are length-prefixed: no value can change the framing.
+            encoded.headers.push((
+                Cow::Borrowed("id"),
+                cloudevents::AttributesReader::id(&env.event).to_string(),
+            ));
+            encoded
+                .headers
+                .push((Cow::Borrowed("eventType"), env.event_type.clone()));
+        }
         let size = RecordSize::of(
             key.as_bytes(),
             encoded.value.as_deref(),
