@@ -13,49 +13,51 @@ pub(super) async fn sink_check(
     routes: &Routes,
     aggregate_types: &[String],
 ) -> Vec<Check> {
-    let name = match routes {
-        Routes::Stdout => return vec![check("sink", true, "stdout needs no broker")],
-        Routes::Nats { .. } => "nats",
-        Routes::Kafka { topic, .. } => return kafka_checks(cfg, topic, aggregate_types).await,
-    };
-    let label = format!("{name} broker");
-    vec![
-        match tokio::time::timeout(BROKER_TIMEOUT, Sink::connect(cfg, routes, None)).await {
-            Ok(Ok(sink)) => {
-                let broker = check(
-                    &label,
-                    true,
-                    format!(
-                        "{} reachable; stream ready",
-                        crate::config::redact_url(cfg.nats.url.expose())
-                    ),
-                );
-                let Sink::Nats(nats) = &sink else {
-                    return vec![broker];
-                };
-                let review = match nats.stream_settings().await {
-                    Ok(settings) => {
-                        match review_stream(&settings, cfg.sink.shutdown_timeout_secs) {
-                            Ok(fine) => check("nats stream", true, fine),
-                            Err(problem) => warning("nats stream", problem),
-                        }
-                    }
-                    Err(e) => check("nats stream", false, e),
-                };
-                return vec![broker, review];
-            }
-            Ok(Err(e)) => check(
-                &label,
+    match routes {
+        Routes::Stdout => vec![check("sink", true, "stdout needs no broker")],
+        Routes::Nats { .. } => nats_checks(cfg, routes).await,
+        Routes::Kafka { topic, .. } => kafka_checks(cfg, topic, aggregate_types).await,
+    }
+}
+
+/// The server answers and the stream is ready; then what the stream's duplicate
+/// window and limits mean for a restart (a WARN, not a FAIL).
+async fn nats_checks(cfg: &Config, routes: &Routes) -> Vec<Check> {
+    let sink = match tokio::time::timeout(BROKER_TIMEOUT, Sink::connect(cfg, routes, None)).await {
+        Ok(Ok(Sink::Nats(sink))) => sink,
+        Ok(Ok(_)) => unreachable!("NATS routes make a NATS sink"),
+        Ok(Err(e)) => {
+            return vec![check(
+                "nats broker",
                 false,
-                format!("{e}: check the [{name}] section and that the broker runs"),
-            ),
-            Err(_) => check(
-                &label,
+                format!("{e}: check the [nats] section and that the broker runs"),
+            )]
+        }
+        Err(_) => {
+            return vec![check(
+                "nats broker",
                 false,
                 "no answer within 10 s: check the URL and the network",
-            ),
+            )]
+        }
+    };
+    let broker = check(
+        "nats broker",
+        true,
+        format!(
+            "{} reachable; stream ready",
+            crate::config::redact_url(cfg.nats.url.expose())
+        ),
+    );
+    let stream = match tokio::time::timeout(BROKER_TIMEOUT, sink.stream_settings()).await {
+        Ok(Ok(settings)) => match review_stream(&settings, cfg.sink.shutdown_timeout_secs) {
+            Ok(fine) => check("nats stream", true, fine),
+            Err(problem) => warning("nats stream", problem),
         },
-    ]
+        Ok(Err(e)) => check("nats stream", false, e),
+        Err(_) => check("nats stream", false, "no stream info within 10 s"),
+    };
+    vec![broker, stream]
 }
 
 async fn kafka_checks(cfg: &Config, topic: &Template, aggregate_types: &[String]) -> Vec<Check> {
