@@ -13,10 +13,12 @@ use crate::support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use support::faults::{commit_marker, relay_log_lines, wait_confirmed_past, Writer, SLOT};
+use support::faults::{
+    commit_marker, kill_while_in_flight, relay_log_lines, wait_confirmed_past, Writer, SLOT,
+};
 use support::{
     assert_delivered_once, assert_per_aggregate_order, config, free_port, metric_sum, read_stream,
-    scrape, scraped, seed, stream_len, wait_for, Nats, Postgres, Relay, SplitMix64,
+    scrape, seed, stream_len, wait_for, Nats, Postgres, Relay, SplitMix64,
 };
 
 const STREAM: &str = "OUTBOX";
@@ -24,44 +26,6 @@ const STREAM: &str = "OUTBOX";
 // ---------------------------------------------------------------------------------
 // Crashes and graceful stops
 // ---------------------------------------------------------------------------------
-
-/// SIGKILLs `relay` `kills` times, each time only once its new process has had the
-/// broker acknowledge events of its own (it is past start-up and streaming) and then
-/// 0..200 ms later, while the writer commits: so every kill lands with events in
-/// flight, not during start-up. Returns how many kills found rows committed during
-/// the killed process's life (all of them, asserted by the caller) and prints it.
-async fn kill_while_in_flight(
-    relay: &mut Relay,
-    port: u16,
-    writer: &Writer,
-    rng: &mut SplitMix64,
-    kills: usize,
-) -> usize {
-    let mut mid_write = 0;
-    for k in 0..kills {
-        let before = writer.committed();
-        let streaming = wait_for(Duration::from_secs(30), || async {
-            scraped(port, |t| {
-                metric_sum(t, "outboxd_events_published_total") > 0.0
-            })
-        })
-        .await;
-        assert!(
-            streaming,
-            "kill {k}: the restarted relay published nothing within 30 s: {}",
-            relay.stderr()
-        );
-        // The random delay is the fault being injected, not a synchronisation.
-        tokio::time::sleep(Duration::from_millis(rng.range(0, 200))).await;
-        if writer.committed() > before {
-            mid_write += 1;
-        }
-        relay.kill();
-        relay.start();
-    }
-    eprintln!("{mid_write} of {kills} kills landed after the relay had published, with rows committed during its life");
-    mid_write
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_anywhere_twenty_kills() {
@@ -82,7 +46,8 @@ async fn crash_anywhere_twenty_kills() {
 
     // When the relay is SIGKILLed 20 times, each while its events are in flight
     let started = Instant::now();
-    let mid_write = kill_while_in_flight(&mut relay, port, &writer, &mut rng, KILLS).await;
+    let mid_write =
+        kill_while_in_flight(&mut relay, port, &writer, &mut rng, KILLS, Duration::ZERO).await;
     assert_eq!(
         mid_write, KILLS,
         "every kill lands while rows are committed"
@@ -146,7 +111,8 @@ async fn crash_anywhere_twenty_kills_kafka() {
     let writer = Writer::spawn(pg.url(), 1_000, 20, Duration::from_millis(10), seed);
 
     // When the relay is SIGKILLed 20 times, each while its events are in flight
-    let mid_write = kill_while_in_flight(&mut relay, port, &writer, &mut rng, KILLS).await;
+    let mid_write =
+        kill_while_in_flight(&mut relay, port, &writer, &mut rng, KILLS, Duration::ZERO).await;
     assert_eq!(
         mid_write, KILLS,
         "every kill lands while rows are committed"

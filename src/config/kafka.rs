@@ -30,6 +30,15 @@ pub struct KafkaConfig {
     pub debezium_headers: bool,
     /// `binary` (default) or `structured`.
     pub content_mode: ContentMode,
+    /// Exactly once into Kafka for read_committed consumers: a transactional producer
+    /// (`transactional.id` `outboxd.<slot>` unless `properties` sets one) writes the
+    /// events and a checkpoint record to `checkpoint_topic` in one transaction; at
+    /// start the checkpoint is read back and nothing before it is sent again. A
+    /// standby that takes over fences the old active. Default false (at least once).
+    pub exactly_once: bool,
+    /// Topic of the exactly-once checkpoints (compacted, created when missing), keyed
+    /// by `transactional.id`. Default `outboxd.checkpoints`.
+    pub checkpoint_topic: String,
     /// How long librdkafka may try to deliver one record before its delivery report
     /// fails (`message.timeout.ms`), in ms. The relay then retries it. Default 30000.
     pub message_timeout_ms: u64,
@@ -51,6 +60,8 @@ impl Default for KafkaConfig {
             dead_letter_topic: "outbox.deadletter".into(),
             debezium_headers: false,
             content_mode: ContentMode::Binary,
+            exactly_once: false,
+            checkpoint_topic: "outboxd.checkpoints".into(),
             message_timeout_ms: DEFAULT_KAFKA_MESSAGE_TIMEOUT_MS,
             properties: BTreeMap::new(),
             properties_files: BTreeMap::new(),
@@ -66,6 +77,9 @@ impl KafkaConfig {
         }
         if self.message_timeout_ms == 0 {
             return Err(invalid("kafka.message_timeout_ms", "must be > 0"));
+        }
+        if self.exactly_once && self.checkpoint_topic.is_empty() {
+            return Err(invalid("kafka.checkpoint_topic", "must not be empty"));
         }
         Ok(())
     }

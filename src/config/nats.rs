@@ -46,6 +46,15 @@ pub struct NatsConfig {
     pub content_mode: ContentMode,
     /// Time to wait for a PubAck, in ms. Default 5000.
     pub ack_timeout_ms: u64,
+    /// Exactly once into the stream, beyond the duplicate window: a checkpoint (the
+    /// last position whose events are all stored, and the stream's sequence then) in
+    /// `checkpoint_stream`, and at start the ids stored after it are read back and not
+    /// sent again. Default false (at least once).
+    pub exactly_once: bool,
+    /// Stream of the exactly-once checkpoints (subjects `outboxd.checkpoint.<slot>`,
+    /// the last message per subject kept); created when missing. Default
+    /// `OUTBOXD_CHECKPOINTS`.
+    pub checkpoint_stream: String,
     // TLS and credentials; resolved and validated in `config/security.rs`.
     /// Refuse a connection without TLS (a `tls://` URL, or a CA or client certificate
     /// below, implies it). Default false.
@@ -102,6 +111,8 @@ impl Default for NatsConfig {
             dead_letter_subject: "outbox.deadletter".into(),
             content_mode: ContentMode::Binary,
             ack_timeout_ms: 5000,
+            exactly_once: false,
+            checkpoint_stream: "OUTBOXD_CHECKPOINTS".into(),
             require_tls: false,
             tls_ca_file: None,
             tls_cert_file: None,
@@ -130,6 +141,12 @@ impl NatsConfig {
         if self.ack_timeout_ms == 0 {
             return Err(invalid("nats.ack_timeout_ms", "must be > 0"));
         }
+        if self.exactly_once && !valid_stream_name(&self.checkpoint_stream) {
+            return Err(invalid(
+                "nats.checkpoint_stream",
+                "must be a stream name: not empty, no spaces, '.', '*', '>', '/' or '\\'",
+            ));
+        }
         if self.stream_duplicate_window_secs == 0 {
             return Err(invalid(
                 "nats.stream_duplicate_window_secs",
@@ -155,4 +172,12 @@ impl NatsConfig {
         }
         Ok(())
     }
+}
+
+/// A JetStream stream name: not empty, none of the characters nats-server refuses.
+fn valid_stream_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
 }

@@ -53,6 +53,14 @@ pub struct SinkConfig {
     /// Seconds to wait on SIGTERM, in all, for the open transaction to be read to its
     /// commit and for in-flight acks; the process exits within 5 s more. Default 20.
     pub shutdown_timeout_secs: u64,
+    /// Exactly-once mode (`nats.exactly_once`, `kafka.exactly_once`): how often the
+    /// relay pauses reading, waits for every event in flight and writes a checkpoint
+    /// (Kafka: commits the transaction), in ms. Longer: fewer pauses; shorter: Kafka's
+    /// read_committed consumers see events sooner. Default 200.
+    pub checkpoint_interval_ms: u64,
+    /// Exactly-once mode: a checkpoint is also written after this many events (bounds
+    /// a Kafka transaction and the ids a NATS restart reads back). Default 10000.
+    pub checkpoint_max_events: usize,
 }
 
 impl Default for SinkConfig {
@@ -63,6 +71,8 @@ impl Default for SinkConfig {
             on_invalid: PoisonPolicy::DeadLetter,
             on_rejected: PoisonPolicy::DeadLetter,
             shutdown_timeout_secs: 20,
+            checkpoint_interval_ms: 200,
+            checkpoint_max_events: 10_000,
         }
     }
 }
@@ -72,6 +82,12 @@ impl SinkConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         if self.max_in_flight == 0 {
             return Err(invalid("sink.max_in_flight", "must be > 0"));
+        }
+        if self.checkpoint_interval_ms == 0 {
+            return Err(invalid("sink.checkpoint_interval_ms", "must be > 0"));
+        }
+        if self.checkpoint_max_events == 0 {
+            return Err(invalid("sink.checkpoint_max_events", "must be > 0"));
         }
         Ok(())
     }

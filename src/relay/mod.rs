@@ -21,6 +21,7 @@
 //! what a failure means and `outcome` acts on it, `snapshot` publishes the table's
 //! rows before a new slot streams.
 
+mod checkpoint;
 mod gate;
 mod outcome;
 pub mod policy;
@@ -179,6 +180,17 @@ async fn run_sessions(
                 t.health.set_role(Role::Standby);
                 attempt = 0;
                 let wait = backoff::jittered(Duration::from_millis(cfg.postgres.standby_poll_ms));
+                if pause(wait, t, shutdown).await {
+                    return Ok(stopped(&ctx));
+                }
+            }
+            Err(RelayError::Sink(e @ SinkError::Aborted { .. })) => {
+                // Exactly-once: the broker dropped what was sent since the last
+                // checkpoint. A new session reads the checkpoint back and sends it again.
+                let wait = backoff::delay(&cfg.retry, attempt);
+                attempt = attempt.saturating_add(1);
+                t.health.set_error(Some(e.to_string()));
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker transaction lost; resuming from the last checkpoint");
                 if pause(wait, t, shutdown).await {
                     return Ok(stopped(&ctx));
                 }

@@ -65,7 +65,9 @@ pub fn on_error(
 ) -> Action {
     match e {
         SinkError::Retryable { .. } if max_retries.is_none_or(|max| attempt < max) => Action::Retry,
-        SinkError::Retryable { .. } | SinkError::Fatal { .. } => Action::Fail,
+        SinkError::Retryable { .. } | SinkError::Aborted { .. } | SinkError::Fatal { .. } => {
+            Action::Fail
+        }
         SinkError::Rejected { reason, .. } => {
             if dead_letter && *reason == "too_large" {
                 Action::Log

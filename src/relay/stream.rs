@@ -10,6 +10,7 @@ use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio_util::sync::CancellationToken;
 
+use super::checkpoint::Checkpoints;
 use super::gate::Gate;
 use super::outcome::{
     delivered, invalid, publish_failed, rejected, sink_recovered, summarise_failure,
@@ -20,7 +21,7 @@ use super::{bounded, setup, Ctx, RelayError};
 use crate::backoff;
 use crate::event::{envelope, Envelope, Position};
 use crate::lsn::lsn_text;
-use crate::sink::{Delivered, SinkError};
+use crate::sink::{Checkpoint, Delivered, SinkError};
 use crate::source::{Change, SourceError, Stream};
 use crate::telemetry::{Role, Telemetry};
 
@@ -44,6 +45,18 @@ pub(super) async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Resu
     // From here on this process relies on the slot (a standby too: the active instance
     // confirms on it), so a slot that vanishes later is a loss, never a fresh start.
     ctx.slot_known.set(true);
+    // Exactly-once: what the broker already holds, read before the first row (Kafka
+    // aborts what the last session left open first).
+    let mut checkpoints = if ctx.sink.exactly_once() {
+        let resume = resume(ctx).await?;
+        Checkpoints::on(
+            Duration::from_millis(cfg.sink.checkpoint_interval_ms),
+            cfg.sink.checkpoint_max_events,
+            resume,
+        )
+    } else {
+        Checkpoints::off()
+    };
     let mut stream = bounded(Stream::start(cfg, slot.confirmed_flush_lsn)).await?;
     ctx.session_streamed.set(true);
     // Whatever waited for an operator is resolved: the slot was found usable.
@@ -68,6 +81,8 @@ pub(super) async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Resu
     let mut stop_by: Option<tokio::time::Instant> = None;
     let mut blocked: Option<String> = None;
     let mut last_summary = tokio::time::Instant::now();
+    // Exactly-once: a checkpoint is due, so nothing more is read until it is written.
+    let mut barrier = false;
     let outcome: Result<(), RelayError> = loop {
         let held = in_flight.len() + gate.parked();
         if let Some(deadline) = stop_by {
@@ -75,6 +90,19 @@ pub(super) async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Resu
                 break Ok(());
             }
         }
+        if checkpoints.due(tokio::time::Instant::now()) {
+            barrier = true;
+        }
+        if barrier && in_flight.is_empty() {
+            // Nothing in flight means nothing waits behind a key either: every row read
+            // so far is acknowledged.
+            barrier = false;
+            if let Err(e) = write_checkpoint(ctx, &stream, &progress, &mut checkpoints).await {
+                break Err(e);
+            }
+            continue;
+        }
+        let next_checkpoint = checkpoints.due_at();
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if stop_by.is_none() => {
@@ -82,6 +110,9 @@ pub(super) async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Resu
                 continue;
             }
             _ = tokio::time::sleep_until(stop_by.unwrap_or_else(tokio::time::Instant::now)), if stop_by.is_some() => continue,
+            _ = tokio::time::sleep_until(next_checkpoint.unwrap_or_else(tokio::time::Instant::now)), if next_checkpoint.is_some() && !barrier => {
+                barrier = true;
+            }
             _ = ticker.tick() => {
                 t.health.tick();
                 summarise_failure(t, &mut last_summary);
@@ -102,12 +133,12 @@ pub(super) async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Resu
                 t.metrics.events_in_flight.set(held as i64);
             }
             Some((item, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                let r = on_result(ctx, &mut progress, &mut gate, &in_flight, &stream, item, result);
+                let r = on_result(ctx, &mut progress, &mut checkpoints, &mut gate, &in_flight, &stream, item, result);
                 if let Err(e) = r {
                     break Err(e);
                 }
             }
-            change = stream.next(), if held < max => {
+            change = stream.next(), if held < max && !barrier => {
                 let change = match change {
                     Ok(Some(c)) => c,
                     Ok(None) => break Err(SourceError::Connection("replication stream ended".into()).into()),
@@ -121,6 +152,7 @@ pub(super) async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Resu
                     Change::Row(row) => {
                         t.metrics.events_received.inc();
                         let Some((id, pos)) = txn.as_mut() else { continue };
+                        let at = Checkpoint { commit_lsn: pos.commit_lsn, index: u64::from(pos.index) };
                         let env = match envelope(&cfg.cloudevents, *row, pos) {
                             Ok(env) => env,
                             Err(poison) => match invalid(ctx, poison, pos, "") {
@@ -129,6 +161,10 @@ pub(super) async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Resu
                                 Err(e) => break Err(e),
                             },
                         };
+                        if checkpoints.read(at, env.event.id()) {
+                            skipped(t, &mut pos.index);
+                            continue;
+                        }
                         progress.add(*id);
                         let key = env.aggregate_id.clone();
                         let commit_micros = pos.commit_time.timestamp_micros();
@@ -140,7 +176,7 @@ pub(super) async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Resu
                     }
                     Change::Commit { end_lsn } => {
                         if let Some((id, _)) = txn.take() {
-                            if let Some(lsn) = progress.commit(id, end_lsn) {
+                            if let Some(lsn) = progress.commit(id, end_lsn).and_then(|l| checkpoints.confirmable(l)) {
                                 confirm_txns(&stream, t, &progress, lsn);
                             }
                         }
@@ -149,7 +185,7 @@ pub(super) async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Resu
                         // Nothing open and nothing unacknowledged: everything the server
                         // decoded before `wal_end` is handled, so the slot may move there.
                         // This keeps WAL of other tables from piling up behind an idle outbox.
-                        if txn.is_none() && progress.is_idle() {
+                        if txn.is_none() && progress.is_idle() && checkpoints.settled() {
                             confirm(&stream, t, wal_end);
                         }
                     }
@@ -168,12 +204,25 @@ pub(super) async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Resu
         drain(
             ctx,
             &mut progress,
+            &mut checkpoints,
             &mut gate,
             &mut in_flight,
             &stream,
             deadline,
         )
         .await;
+        if checkpoints.enabled() && !checkpoints.settled() {
+            if ctx.unacknowledged.get() == 0 {
+                if let Err(e) = write_checkpoint(ctx, &stream, &progress, &mut checkpoints).await {
+                    tracing::warn!(error = %e, "the last checkpoint could not be written; the events since the one before are sent again after a restart");
+                    ctx.sink.abandon().await;
+                }
+            } else {
+                ctx.sink.abandon().await;
+            }
+        }
+    } else if checkpoints.enabled() {
+        ctx.sink.abandon().await;
     }
     t.metrics.events_in_flight.set(0);
     // After a clean stop, give the final confirmation time to reach the server; after an
@@ -210,10 +259,65 @@ fn confirm_txns(stream: &Stream, t: &Telemetry, progress: &Progress, lsn: u64) {
     }
 }
 
+/// Exactly-once, before the first row: what the broker already holds, within the
+/// set-up bound.
+async fn resume(ctx: &Ctx<'_>) -> Result<crate::sink::Resume, RelayError> {
+    let resume = tokio::time::timeout(SETUP_TIMEOUT, ctx.sink.resume())
+        .await
+        .map_err(|_| SinkError::Aborted {
+            sink: ctx.sink.name(),
+            reason: "timeout",
+            detail: format!("reading the checkpoint back took longer than {SETUP_TIMEOUT:?}"),
+        })??;
+    tracing::info!(
+        through = ?resume.through.map(|c| format!("{}#{}", lsn_text(c.commit_lsn), c.index)),
+        ids_after = resume.ids.len(),
+        "exactly-once: resuming after what the broker holds"
+    );
+    Ok(resume)
+}
+
+/// How long reading the checkpoint back, or writing one, may take.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Exactly-once, with nothing in flight: writes the checkpoint at the last row read,
+/// then confirms the slot position that waited for it.
+async fn write_checkpoint(
+    ctx: &Ctx<'_>,
+    stream: &Stream,
+    progress: &Progress,
+    checkpoints: &mut Checkpoints,
+) -> Result<(), RelayError> {
+    let started = std::time::Instant::now();
+    tokio::time::timeout(SETUP_TIMEOUT, ctx.sink.checkpoint(checkpoints.position()))
+        .await
+        .map_err(|_| SinkError::Aborted {
+            sink: ctx.sink.name(),
+            reason: "timeout",
+            detail: format!("writing the checkpoint took longer than {SETUP_TIMEOUT:?}"),
+        })??;
+    ctx.t
+        .metrics
+        .checkpoint_duration
+        .observe(started.elapsed().as_secs_f64());
+    if let Some(lsn) = checkpoints.written(tokio::time::Instant::now()) {
+        confirm_txns(stream, ctx.t, progress, lsn);
+    }
+    Ok(())
+}
+
+/// A row the broker already holds (exactly-once resume): counted, not sent.
+fn skipped(t: &Telemetry, index: &mut u32) {
+    t.metrics.events_skipped.inc();
+    *index += 1;
+}
+
 /// Handles one publish outcome: ack and release the key, retry, or stop.
+#[allow(clippy::too_many_arguments)] // the loop's state, borrowed piecewise
 fn on_result(
     ctx: &Ctx<'_>,
     progress: &mut Progress,
+    checkpoints: &mut Checkpoints,
     gate: &mut Gate<Item>,
     in_flight: &InFlight,
     stream: &Stream,
@@ -225,7 +329,10 @@ fn on_result(
         Ok(delivered) => {
             sink_recovered(ctx.t);
             acknowledged(ctx.t, sink, &item, &delivered);
-            if let Some(lsn) = progress.ack(item.txn) {
+            if let Some(lsn) = progress
+                .ack(item.txn)
+                .and_then(|l| checkpoints.confirmable(l))
+            {
                 confirm_txns(stream, ctx.t, progress, lsn);
             }
             if let Some(next) = gate.release(&item.env.aggregate_id) {
@@ -272,7 +379,10 @@ fn on_result(
                 )),
                 // Recorded in the log: handled, like an ack.
                 None => {
-                    if let Some(lsn) = progress.ack(item.txn) {
+                    if let Some(lsn) = progress
+                        .ack(item.txn)
+                        .and_then(|l| checkpoints.confirmable(l))
+                    {
                         confirm_txns(stream, ctx.t, progress, lsn);
                     }
                     if let Some(next) = gate.release(&item.env.aggregate_id) {
@@ -303,6 +413,7 @@ fn acknowledged(t: &Telemetry, sink: &str, item: &Item, d: &Delivered) {
 async fn drain(
     ctx: &Ctx<'_>,
     progress: &mut Progress,
+    checkpoints: &mut Checkpoints,
     gate: &mut Gate<Item>,
     in_flight: &mut InFlight,
     stream: &Stream,
@@ -319,7 +430,10 @@ async fn drain(
             Ok(delivered) => {
                 acked += 1;
                 acknowledged(ctx.t, ctx.sink.name(), &item, delivered);
-                if let Some(lsn) = progress.ack(item.txn) {
+                if let Some(lsn) = progress
+                    .ack(item.txn)
+                    .and_then(|l| checkpoints.confirmable(l))
+                {
                     confirm_txns(stream, ctx.t, progress, lsn);
                 }
                 // Events already read wait behind this one for their aggregate: send

@@ -10,11 +10,19 @@
 //! Errors are classified where they are created: [`SinkError::Retryable`] (broker
 //! down, timeout: retry with backoff, never dead-letter) and [`SinkError::Rejected`]
 //! (this event can never be accepted: the poison-row policy decides).
+//!
+//! Exactly-once mode (`nats.exactly_once`, `kafka.exactly_once`) adds a checkpoint:
+//! the relay calls [`Sink::checkpoint`] with the position of the last row read once
+//! every event read so far is acknowledged, and [`Sink::resume`] before a session
+//! streams, to learn what the broker already holds (that checkpoint, plus, for NATS,
+//! the ids stored after it) so that nothing is sent twice. See docs/exactly-once.md.
 
 pub mod binding;
 pub mod kafka;
 pub mod nats;
 pub mod stdout;
+
+use std::collections::HashSet;
 
 use crate::config::{Config, ConfigError, SinkKind};
 use crate::event::Envelope;
@@ -40,6 +48,18 @@ pub enum SinkError {
         /// Sink name.
         sink: &'static str,
         /// Low-cardinality reason (metrics label), e.g. `too_large`.
+        reason: &'static str,
+        /// Human detail.
+        detail: String,
+    },
+    /// Exactly-once mode: the broker transaction holding the events since the last
+    /// checkpoint is lost (aborted, or a delivery in it failed). The session ends and a
+    /// new one sends them again from the last checkpoint.
+    #[error("{sink}: {reason}: {detail}; the events since the last checkpoint are sent again")]
+    Aborted {
+        /// Sink name.
+        sink: &'static str,
+        /// Low-cardinality reason (metrics label).
         reason: &'static str,
         /// Human detail.
         detail: String,
@@ -76,13 +96,16 @@ impl SinkError {
         match self {
             SinkError::Retryable { sink, .. }
             | SinkError::Rejected { sink, .. }
+            | SinkError::Aborted { sink, .. }
             | SinkError::Fatal { sink, .. } => sink,
         }
     }
     /// The metrics label.
     pub fn reason(&self) -> &'static str {
         match self {
-            SinkError::Retryable { reason, .. } | SinkError::Rejected { reason, .. } => reason,
+            SinkError::Retryable { reason, .. }
+            | SinkError::Rejected { reason, .. }
+            | SinkError::Aborted { reason, .. } => reason,
             SinkError::Fatal { .. } => "fatal",
         }
     }
@@ -95,6 +118,37 @@ pub struct Delivered {
     pub duplicate: bool,
     /// Where it went (subject, topic), for metrics.
     pub destination: String,
+}
+
+/// A row's place in the stream: row `index` (0-based, in stream order) of the
+/// Postgres transaction that committed at `commit_lsn`. Ordered as the stream is.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct Checkpoint {
+    /// LSN of the transaction's commit record.
+    pub commit_lsn: u64,
+    /// The row's index within the transaction.
+    pub index: u64,
+}
+
+/// What an exactly-once sink's broker already holds, read back before a session
+/// streams: rows it covers are not sent again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resume {
+    /// Every row at or before this position is in the broker (`None`: no checkpoint).
+    pub through: Option<Checkpoint>,
+    /// Ids of events the broker stored after `through` (NATS: found by reading the
+    /// stream after the checkpoint's sequence; Kafka: none, a transaction without
+    /// its checkpoint is aborted).
+    pub ids: HashSet<String>,
+}
+
+impl Resume {
+    /// True when the row at `at` with event id `id` is already in the broker.
+    pub fn covers(&self, at: Checkpoint, id: &str) -> bool {
+        self.through.is_some_and(|t| at <= t) || self.ids.contains(id)
+    }
 }
 
 /// The configured sink. An enum rather than a trait object: the set is closed and
@@ -127,6 +181,8 @@ impl Sink {
             Routes::Nats { subject } => Ok(Sink::Nats(
                 nats::NatsSink::connect(
                     &cfg.nats,
+                    &cfg.postgres.slot,
+                    &cfg.cloudevents.source,
                     subject.clone(),
                     &cfg.retry,
                     metrics.map(|m| m.reconnects.with_label_values(&["broker"])),
@@ -149,6 +205,48 @@ impl Sink {
             Sink::Stdout(s) => s.publish(env),
             Sink::Nats(s) => s.publish(env).await,
             Sink::Kafka(s) => s.publish(env).await,
+        }
+    }
+
+    /// True in exactly-once mode (`nats.exactly_once`, `kafka.exactly_once`).
+    pub fn exactly_once(&self) -> bool {
+        match self {
+            Sink::Stdout(_) => false,
+            Sink::Nats(s) => s.exactly_once(),
+            Sink::Kafka(s) => s.exactly_once(),
+        }
+    }
+
+    /// Exactly-once mode, before a session streams: drops what was published since the
+    /// last checkpoint where the broker can (Kafka aborts its open transaction), and
+    /// reads back what the broker holds. Other modes: an empty [`Resume`].
+    pub async fn resume(&self) -> Result<Resume, SinkError> {
+        match self {
+            Sink::Stdout(_) => Ok(Resume::default()),
+            Sink::Nats(s) => s.resume().await,
+            Sink::Kafka(s) => s.resume().await,
+        }
+    }
+
+    /// Exactly-once mode, when every event published so far is acknowledged: makes
+    /// them durable together with `through`, the position of the last row read
+    /// (Kafka: commits the transaction with a checkpoint record; NATS: stores the
+    /// checkpoint and the stream's sequence). `None` commits without moving the
+    /// checkpoint (the initial snapshot, `replay`). Other modes: nothing to do.
+    pub async fn checkpoint(&self, through: Option<Checkpoint>) -> Result<(), SinkError> {
+        match self {
+            Sink::Stdout(_) => Ok(()),
+            Sink::Nats(s) => s.checkpoint(through).await,
+            Sink::Kafka(s) => s.checkpoint(through).await,
+        }
+    }
+
+    /// Exactly-once mode, on shutdown with events unacknowledged: gives up what was
+    /// published since the last checkpoint (Kafka aborts the transaction at once, so
+    /// read_committed consumers are not held up until it times out).
+    pub async fn abandon(&self) {
+        if let Sink::Kafka(s) = self {
+            s.abandon().await;
         }
     }
 
@@ -253,6 +351,12 @@ pub fn validate(cfg: &Config) -> Result<Routes, ConfigError> {
                 topic: template("kafka.topic", &cfg.kafka.topic)?,
                 key: template("kafka.key", &cfg.kafka.key)?,
             };
+            if cfg.kafka.exactly_once {
+                return Err(ConfigError::invalid(
+                    "kafka.exactly_once",
+                    "is not available in this build yet; use nats.exactly_once, or at-least-once with consumers deduplicating by ce_id",
+                ));
+            }
             kafka::client::check_properties(&cfg.kafka)
                 .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
             routes

@@ -98,6 +98,10 @@ pub struct Metrics {
     pub snapshot_events: IntCounter,
     /// Outbox rows deleted by retention.
     pub retention_deleted_rows: IntCounter,
+    /// Exactly-once: rows not sent again because the broker already held them.
+    pub events_skipped: IntCounter,
+    /// Exactly-once: writing one checkpoint (Kafka: committing the transaction).
+    pub checkpoint_duration: Histogram,
     /// Failed retention rounds (the relay goes on).
     pub retention_errors: IntCounter,
 }
@@ -250,6 +254,17 @@ impl Metrics {
             retention_deleted_rows: reg!(IntCounter::new(
                 "outboxd_retention_deleted_rows_total",
                 "Acknowledged outbox rows deleted by retention."
+            )?),
+            events_skipped: reg!(IntCounter::new(
+                "outboxd_events_skipped_total",
+                "Exactly-once mode: rows read again after a restart and not sent, because the broker already held their events."
+            )?),
+            checkpoint_duration: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "outboxd_checkpoint_duration_seconds",
+                    "Exactly-once mode: writing one checkpoint (Kafka: committing the transaction)."
+                )
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
             )?),
             retention_errors: reg!(IntCounter::new(
                 "outboxd_retention_errors_total",

@@ -242,3 +242,44 @@ pub async fn final_error(relay: &mut Relay, what: &str) -> String {
     eprintln!("final message: {last}");
     last
 }
+
+/// SIGKILLs `relay` `kills` times, each time only once its new process has had the
+/// broker acknowledge events of its own (it is past start-up and streaming) and then
+/// 0..200 ms later, while the writer commits: so every kill lands with events in
+/// flight, not during start-up. The relay stays down for `down` before each restart.
+/// Returns how many kills found rows committed during the killed process's life (all
+/// of them, asserted by the caller) and prints it.
+pub async fn kill_while_in_flight(
+    relay: &mut Relay,
+    port: u16,
+    writer: &Writer,
+    rng: &mut SplitMix64,
+    kills: usize,
+    down: Duration,
+) -> usize {
+    let mut mid_write = 0;
+    for k in 0..kills {
+        let before = writer.committed();
+        let streaming = wait_for(Duration::from_secs(30), || async {
+            super::scraped(port, |t| {
+                super::metric_sum(t, "outboxd_events_published_total") > 0.0
+            })
+        })
+        .await;
+        assert!(
+            streaming,
+            "kill {k}: the restarted relay published nothing within 30 s: {}",
+            relay.stderr()
+        );
+        // The random delay is the fault being injected, not a synchronisation.
+        tokio::time::sleep(Duration::from_millis(rng.range(0, 200))).await;
+        if writer.committed() > before {
+            mid_write += 1;
+        }
+        relay.kill();
+        tokio::time::sleep(down).await;
+        relay.start();
+    }
+    eprintln!("{mid_write} of {kills} kills landed after the relay had published, with rows committed during its life");
+    mid_write
+}

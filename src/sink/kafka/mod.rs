@@ -143,6 +143,24 @@ impl KafkaSink {
         })
     }
 
+    /// True with `kafka.exactly_once`. Not implemented yet: refused at start-up.
+    pub fn exactly_once(&self) -> bool {
+        false
+    }
+
+    /// Exactly-once: the checkpoint read back. Nothing yet.
+    pub async fn resume(&self) -> Result<super::Resume, SinkError> {
+        Ok(super::Resume::default())
+    }
+
+    /// Exactly-once: commits the transaction with the checkpoint. Nothing yet.
+    pub async fn checkpoint(&self, _through: Option<super::Checkpoint>) -> Result<(), SinkError> {
+        Ok(())
+    }
+
+    /// Exactly-once: aborts the open transaction. Nothing yet.
+    pub async fn abandon(&self) {}
+
     /// Enqueues the record and waits for its delivery report.
     pub async fn publish(&self, env: &Envelope) -> Result<Delivered, SinkError> {
         let topic = if env.dead_letter {

@@ -139,6 +139,24 @@ pub fn header_value(v: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// The value [`header_value`] encoded, decoded again (`None` if it is not such a value).
+pub fn decode_header_value(v: &str) -> Option<String> {
+    if !v.contains('%') {
+        return Some(v.to_string());
+    }
+    let mut out = Vec::with_capacity(v.len());
+    let mut bytes = v.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex = [bytes.next()?, bytes.next()?];
+            out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+        } else {
+            out.push(b);
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,5 +273,17 @@ mod tests {
     fn header_values_are_percent_encoded() {
         assert_eq!(header_value("plain-value_1"), "plain-value_1");
         assert_eq!(header_value("a b\"%é"), "a%20b%22%25%C3%A9");
+    }
+
+    #[test]
+    fn a_header_value_decodes_to_the_id_it_encodes() {
+        for id in ["plain-1", "with space", " lead", "cr\r\nlf", "100%", "ünï"] {
+            assert_eq!(
+                decode_header_value(&header_value(id)).as_deref(),
+                Some(id),
+                "{id:?}"
+            );
+        }
+        assert_eq!(decode_header_value("%4"), None);
     }
 }

@@ -12,6 +12,7 @@
 
 pub(crate) mod auth;
 mod encode;
+mod once;
 pub mod stream;
 
 use std::error::Error as _;
@@ -23,7 +24,7 @@ use async_nats::jetstream::{self, context::PublishErrorKind};
 use async_nats::HeaderMap;
 use prometheus::IntCounter;
 
-use super::{Delivered, Envelope, SinkError};
+use super::{Checkpoint, Delivered, Envelope, Resume, SinkError};
 use crate::backoff;
 use crate::config::{redact_url, ContentMode, NatsConfig, RetryConfig};
 use crate::route::{Sanitize, Template};
@@ -61,6 +62,8 @@ pub struct NatsSink {
     stream: NatsConfig,
     /// When a publish last found the stream missing and looked it up (or created it).
     stream_checked: tokio::sync::Mutex<Option<std::time::Instant>>,
+    /// Exactly-once mode's checkpoint (`nats.exactly_once`).
+    once: Option<once::Once>,
 }
 
 /// What the client's event callback tells the sink.
@@ -73,10 +76,14 @@ struct Events {
 }
 
 impl NatsSink {
-    /// Connects (TLS and credentials from `[nats]`), then finds (or creates) the stream;
+    /// Connects (TLS and credentials from `[nats]`), then finds (or creates) the stream
+    /// (and, exactly once, the checkpoint stream; `slot` names the checkpoint and
+    /// `source`, `cloudevents.source`, tells this relay's messages);
     /// publishes to `subject` (`nats.subject`, parsed by [`crate::sink::validate`]).
     pub async fn connect(
         cfg: &NatsConfig,
+        slot: &str,
+        source: &str,
         subject: Template,
         retry: &RetryConfig,
         reconnects: Option<IntCounter>,
@@ -92,6 +99,10 @@ impl NatsSink {
         let mut js = jetstream::new(client.clone());
         js.set_timeout(Duration::from_millis(cfg.ack_timeout_ms));
         ensure_stream(&js, cfg).await?;
+        let once = match cfg.exactly_once {
+            true => Some(once::Once::open(&js, cfg, slot, source).await?),
+            false => None,
+        };
         Ok(Self {
             client,
             js,
@@ -102,7 +113,30 @@ impl NatsSink {
             events,
             stream: cfg.clone(),
             stream_checked: tokio::sync::Mutex::new(None),
+            once,
         })
+    }
+
+    /// True with `nats.exactly_once`.
+    pub fn exactly_once(&self) -> bool {
+        self.once.is_some()
+    }
+
+    /// Exactly-once: the checkpoint and the ids stored after it (see [`once`]).
+    pub async fn resume(&self) -> Result<Resume, SinkError> {
+        match &self.once {
+            Some(once) => once.resume(&self.js).await,
+            None => Ok(Resume::default()),
+        }
+    }
+
+    /// Exactly-once: stores the checkpoint (a PubAck already made each event durable,
+    /// so `None` has nothing to do).
+    pub async fn checkpoint(&self, through: Option<Checkpoint>) -> Result<(), SinkError> {
+        match (&self.once, through) {
+            (Some(once), Some(through)) => once.write(&self.js, through).await,
+            _ => Ok(()),
+        }
     }
 
     /// Publishes and awaits the PubAck.
@@ -131,10 +165,15 @@ impl NatsSink {
         }
         .await;
         match result {
-            Ok(ack) => Ok(Delivered {
-                duplicate: ack.duplicate,
-                destination: subject,
-            }),
+            Ok(ack) => {
+                if let Some(once) = &self.once {
+                    once.acked(&ack.stream, ack.sequence);
+                }
+                Ok(Delivered {
+                    duplicate: ack.duplicate,
+                    destination: subject,
+                })
+            }
             Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
                 Err(self.stream_missing(e).await)
             }
