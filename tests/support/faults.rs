@@ -1,12 +1,14 @@
 //! Helpers of the fault-injection tests: a writer that survives lost connections,
-//! commit markers, and readers of the relay's output.
+//! commit markers, dropping the slot under a relay, and readers of the relay's
+//! output (its log, and its HTTP status once it waits for an operator).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{insert_event, wait_for, Postgres, Relay, SplitMix64};
+use super::secure::http_port;
+use super::{http_get, insert_event, metric, wait_for, Postgres, Relay, SplitMix64};
 
 /// The slot every fault test uses (the config's default).
 pub const SLOT: &str = "outboxd";
@@ -241,4 +243,51 @@ pub async fn final_error(relay: &mut Relay, what: &str) -> String {
     let last = last_line(&stderr).to_string();
     eprintln!("final message: {last}");
     last
+}
+
+/// Drops the slot as an operator (or a failover) would, terminating the walsender
+/// that holds it first; retried for 20 s, as the relay may take the slot back between
+/// the two statements.
+pub async fn drop_slot(pg: &Postgres) {
+    let db = pg.client().await;
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            let _ = db
+                .execute(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                     WHERE slot_name = 'outboxd' AND active_pid IS NOT NULL",
+                    &[],
+                )
+                .await;
+            db.execute("SELECT pg_drop_replication_slot('outboxd')", &[])
+                .await
+                .is_ok()
+        })
+        .await,
+        "could not drop the slot"
+    );
+}
+
+/// Waits until the relay of `cfg` waits for an operator, as every outside view shows
+/// it: `/status` says role `blocked`, `/readyz` is 503 and names the problem, and
+/// `outboxd_blocked` is 1. Returns the problem `/status` names.
+pub async fn blocked(cfg: &str) -> String {
+    let port = http_port(cfg);
+    assert!(
+        wait_for(Duration::from_secs(60), || async {
+            http_get(port, "/status").is_some_and(|(_, b)| b.contains("\"role\":\"blocked\""))
+        })
+        .await,
+        "not blocked: {:?}",
+        http_get(port, "/status")
+    );
+    let (code, body) = http_get(port, "/readyz").expect("readyz");
+    assert_eq!(code, 503, "{body}");
+    let text = http_get(port, "/metrics").expect("metrics").1;
+    assert_eq!(metric(&text, "outboxd_blocked"), Some(1.0), "{text}");
+    let status: serde_json::Value =
+        serde_json::from_str(&http_get(port, "/status").expect("status").1).expect("json");
+    let problem = status["problem"].as_str().expect("a problem").to_string();
+    assert!(body.contains(&problem), "{body}");
+    problem
 }

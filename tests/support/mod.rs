@@ -20,6 +20,7 @@ pub mod faults;
 pub mod kafka;
 pub mod replica;
 pub mod secure;
+pub mod streaming;
 
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;

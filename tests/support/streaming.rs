@@ -1,0 +1,84 @@
+//! The given most NATS tests start from, and the steps that follow it: a Postgres with
+//! the outbox, a nats-server and a relay streaming between them ([`Streaming`]);
+//! committing numbered events ([`insert_events`]); waiting until the stream holds
+//! them ([`wait_stream_len`], [`read_at_least`]).
+//!
+//! Every wait has a deadline and asserts nothing itself unless its doc says so, so a
+//! test keeps its own failure message where it has one.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+
+use super::{
+    config, insert_event, read_stream, stream_len, wait_for, Nats, Postgres, Received, Relay,
+};
+
+/// How long a test waits for events to arrive in JetStream.
+const ARRIVAL: Duration = Duration::from_secs(30);
+
+/// A relay of a fresh outbox to a fresh nats-server, streaming. Destructure it
+/// (`let Streaming { pg, nats, cfg, relay } = …`) to keep the test's own names; the
+/// fields are declared so that the relay is dropped before the servers.
+pub struct Streaming {
+    pub relay: Relay,
+    pub cfg: String,
+    pub nats: Nats,
+    pub pg: Postgres,
+}
+
+impl Streaming {
+    /// Starts Postgres (outbox created), nats-server and a relay with the config of
+    /// [`config`] and `overrides`, and waits until the relay's slot streams.
+    pub async fn start(overrides: &[(&str, &str, &str)]) -> Self {
+        let pg = Postgres::start();
+        pg.create_outbox().await;
+        let nats = Nats::start();
+        let cfg = config(&pg, Some(&nats), overrides);
+        let relay = Relay::spawn(&cfg);
+        pg.wait_streaming("outboxd").await;
+        Self {
+            relay,
+            cfg,
+            nats,
+            pg,
+        }
+    }
+}
+
+/// Commits one event of `aggregate` for each `n` of `ns`, each in its own transaction
+/// (see [`insert_event`]); returns their ids in commit order.
+pub async fn insert_events(
+    db: &impl tokio_postgres::GenericClient,
+    aggregate: &str,
+    ns: impl IntoIterator<Item = i64>,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    for n in ns {
+        ids.push(insert_event(db, aggregate, n).await.expect("insert"));
+    }
+    ids
+}
+
+/// Waits up to 30 s until `stream` holds exactly `n` messages; returns whether it did.
+pub async fn wait_stream_len(js: &jetstream::Context, stream: &str, n: u64) -> bool {
+    wait_for(ARRIVAL, || async { stream_len(js, stream).await == n }).await
+}
+
+/// Waits up to 30 s until `stream` holds at least `n` messages (asserting that it
+/// does, naming how many it holds), then reads them all, in stream order.
+pub async fn read_at_least(js: &jetstream::Context, stream: &str, n: u64) -> Vec<Received> {
+    assert!(
+        wait_for(ARRIVAL, || async { stream_len(js, stream).await >= n }).await,
+        "expected {n} messages in {stream}, got {}",
+        stream_len(js, stream).await
+    );
+    read_stream(js, stream).await
+}
+
+/// The `ce-id` of each message, in order.
+pub fn ce_ids(msgs: &[Received]) -> Vec<&str> {
+    msgs.iter()
+        .map(|m| m.header("ce-id").expect("ce-id"))
+        .collect()
+}
