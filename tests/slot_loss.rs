@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use support::faults::{blocked, drop_slot};
 use support::secure::outboxd;
-use support::streaming::{insert_events, read_at_least, wait_stream_len, Streaming};
+use support::streaming::{insert_events, read_at_least, streaming, wait_stream_len};
 use support::{insert_event, read_stream, stream_len, wait_for, Postgres, Relay};
 
 async fn wal_status(pg: &Postgres) -> Option<String> {
@@ -27,12 +27,7 @@ async fn wal_status(pg: &Postgres) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidated_slot_stops_the_relay_until_the_gap_is_accepted() {
-    let Streaming {
-        pg,
-        nats: _nats,
-        cfg,
-        mut relay,
-    } = Streaming::start(&[]).await;
+    let (pg, _nats, cfg, mut relay) = streaming(&[]).await;
     let db = pg.client().await;
     for sql in [
         "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'",
@@ -85,12 +80,7 @@ async fn invalidated_slot_stops_the_relay_until_the_gap_is_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slot_dropped_while_streaming_is_not_recreated() {
-    let Streaming {
-        pg,
-        nats: _nats,
-        cfg,
-        mut relay,
-    } = Streaming::start(&[]).await;
+    let (pg, _nats, cfg, mut relay) = streaming(&[]).await;
 
     // Given an operator (or a failover) removes the slot under the running relay
     drop_slot(&pg).await;
@@ -149,12 +139,7 @@ async fn record_past_rows(pg: &Postgres) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_restart_after_slot_loss_refuses_and_the_switch_republishes_the_gap() {
     // Given a relay that delivered 5 events, and whose slot record has passed them
-    let Streaming {
-        pg,
-        nats,
-        cfg,
-        mut relay,
-    } = Streaming::start(&[("postgres", "monitor_interval_secs", "1")]).await;
+    let (pg, nats, cfg, mut relay) = streaming(&[("postgres", "monitor_interval_secs", "1")]).await;
     let db = pg.client().await;
     let mut before = Vec::new();
     for n in 1..=5 {
@@ -225,12 +210,7 @@ async fn a_plain_restart_after_slot_loss_refuses_and_the_switch_republishes_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publication_created_again_is_caught_by_check_and_the_gap_recovered() {
     // Given a relay that delivered 3 events
-    let Streaming {
-        pg,
-        nats,
-        cfg,
-        relay,
-    } = Streaming::start(&[("postgres", "monitor_interval_secs", "1")]).await;
+    let (pg, nats, cfg, relay) = streaming(&[("postgres", "monitor_interval_secs", "1")]).await;
     let db = pg.client().await;
     let mut expected: std::collections::HashSet<String> =
         insert_events(&db, "p-1", 1..=3).await.into_iter().collect();

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use support::faults::blocked;
 use support::secure::http_port;
-use support::streaming::{insert_events, wait_stream_len, Streaming};
+use support::streaming::{insert_events, streaming, wait_stream_len};
 use support::{
     assert_per_aggregate_order, http_get, insert_event, outbox_ddl, read_stream, wait_for, Nats,
     Relay,
@@ -31,12 +31,7 @@ async fn ids(nats: &Nats) -> HashSet<String> {
 /// restart, and a restart with `--resync-table` must deliver every row.
 async fn changed_table_is_noticed_and_resynced(change: &str, says: &str) {
     // Given a relay that delivered 2 events
-    let Streaming {
-        pg,
-        nats,
-        cfg,
-        mut relay,
-    } = Streaming::start(&[("postgres", "monitor_interval_secs", "1")]).await;
+    let (pg, nats, cfg, mut relay) = streaming(&[("postgres", "monitor_interval_secs", "1")]).await;
     let db = pg.client().await;
     insert_events(&db, "t-1", 1..=2).await;
     assert!(wait_stream_len(&nats.jetstream().await, "OUTBOX", 2).await);

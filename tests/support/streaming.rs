@@ -1,5 +1,5 @@
 //! The given most NATS tests start from, and the steps that follow it: a Postgres with
-//! the outbox, a nats-server and a relay streaming between them ([`Streaming`]);
+//! the outbox, a nats-server and a relay streaming between them ([`streaming`]);
 //! committing numbered events ([`insert_events`]); waiting until the stream holds
 //! them ([`wait_stream_len`], [`read_at_least`]).
 //!
@@ -17,33 +17,18 @@ use super::{
 /// How long a test waits for events to arrive in JetStream.
 const ARRIVAL: Duration = Duration::from_secs(30);
 
-/// A relay of a fresh outbox to a fresh nats-server, streaming. Destructure it
-/// (`let Streaming { pg, nats, cfg, relay } = …`) to keep the test's own names; the
-/// fields are declared so that the relay is dropped before the servers.
-pub struct Streaming {
-    pub relay: Relay,
-    pub cfg: String,
-    pub nats: Nats,
-    pub pg: Postgres,
-}
-
-impl Streaming {
-    /// Starts Postgres (outbox created), nats-server and a relay with the config of
-    /// [`config`] and `overrides`, and waits until the relay's slot streams.
-    pub async fn start(overrides: &[(&str, &str, &str)]) -> Self {
-        let pg = Postgres::start();
-        pg.create_outbox().await;
-        let nats = Nats::start();
-        let cfg = config(&pg, Some(&nats), overrides);
-        let relay = Relay::spawn(&cfg);
-        pg.wait_streaming("outboxd").await;
-        Self {
-            relay,
-            cfg,
-            nats,
-            pg,
-        }
-    }
+/// Starts Postgres (outbox created), nats-server and a relay of the config of
+/// [`config`] with `overrides`, and waits until the relay's slot streams. Returns
+/// them and the config in the order `let (pg, nats, cfg, relay) = …` declares them, so
+/// that the relay is dropped before the servers, as if the test had started each.
+pub async fn streaming(overrides: &[(&str, &str, &str)]) -> (Postgres, Nats, String, Relay) {
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let nats = Nats::start();
+    let cfg = config(&pg, Some(&nats), overrides);
+    let relay = Relay::spawn(&cfg);
+    pg.wait_streaming("outboxd").await;
+    (pg, nats, cfg, relay)
 }
 
 /// Commits one event of `aggregate` for each `n` of `ns`, each in its own transaction
