@@ -45,6 +45,19 @@ pub async fn insert_events(
     ids
 }
 
+/// Once the relay streams, commits one event of `aggregate` for each `n` of `ns` (see
+/// [`insert_events`]); returns the client it used.
+pub async fn commit_when_streaming(
+    pg: &Postgres,
+    aggregate: &str,
+    ns: impl IntoIterator<Item = i64>,
+) -> tokio_postgres::Client {
+    pg.wait_streaming("outboxd").await;
+    let db = pg.client().await;
+    insert_events(&db, aggregate, ns).await;
+    db
+}
+
 /// Waits up to 30 s until `stream` holds exactly `n` messages; returns whether it did.
 pub async fn wait_stream_len(js: &jetstream::Context, stream: &str, n: u64) -> bool {
     wait_for(ARRIVAL, || async { stream_len(js, stream).await == n }).await
