@@ -220,9 +220,21 @@ impl Postgres {
 
     /// Creates the default outbox table.
     pub async fn create_outbox(&self) {
+        self.run_ddl(outbox_ddl()).await;
+    }
+
+    /// Starts a cluster whose outbox is made by `ddl`, a table of another shape than
+    /// [`outbox_ddl`]'s (no publication: the relay creates it).
+    pub async fn start_with_outbox(ddl: &str) -> Self {
+        let pg = Self::start();
+        pg.run_ddl(ddl).await;
+        pg
+    }
+
+    async fn run_ddl(&self, ddl: &str) {
         self.client()
             .await
-            .batch_execute(outbox_ddl())
+            .batch_execute(ddl)
             .await
             .expect("create outbox");
     }
