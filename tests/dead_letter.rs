@@ -5,8 +5,9 @@ use crate::support;
 
 use std::time::Duration;
 
+use support::secure::http_port;
 use support::streaming::{ce_ids, read_at_least};
-use support::{config, free_port, http_get, metric, stream_len, Nats, Postgres, Relay};
+use support::{config, http_get, metric, stream_len, Nats, Postgres, Relay};
 
 /// An outbox whose payload is text with a per-row content type, so a row can lie
 /// about its payload.
@@ -39,17 +40,14 @@ fn data(m: &support::Received) -> serde_json::Value {
 async fn invalid_rows_go_to_the_dead_letter_subject_in_order() {
     let pg = Postgres::start_with_outbox(TEXT_OUTBOX).await;
     let nats = Nats::start();
-    let port = free_port();
-    let listen = format!("\"127.0.0.1:{port}\"");
-    let _relay = Relay::spawn(&config(
+    let cfg = config(
         &pg,
         Some(&nats),
-        &[
-            ("http", "listen", &listen),
-            ("postgres.columns", "content_type", "\"content_type\""),
-        ],
-    ));
+        &[("postgres.columns", "content_type", "\"content_type\"")],
+    );
+    let _relay = Relay::spawn(&cfg);
     pg.wait_streaming("outboxd").await;
+    let port = http_port(&cfg);
 
     // Given a good row, a row without a type, a row whose payload is not JSON, a good row
     insert(&pg, "good-1", Some("Created"), r#"{"n": 1}"#).await;

@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::secure::http_port;
-use super::{http_get, insert_event, metric, wait_for, Postgres, Relay, SplitMix64};
+use super::{
+    assert_delivered_once, assert_per_aggregate_order, http_get, insert_event, metric, read_stream,
+    wait_for, Postgres, Received, Relay, SplitMix64,
+};
 
 /// The slot every fault test uses (the config's default).
 pub const SLOT: &str = "outboxd";
@@ -67,6 +70,16 @@ impl Writer {
     /// Rows known to be committed so far.
     pub fn committed(&self) -> usize {
         self.committed.load(Ordering::Relaxed)
+    }
+
+    /// Waits up to 30 s until the writer has committed `rows` more rows than now;
+    /// returns whether it did.
+    pub async fn wait_committed_more(&self, rows: usize) -> bool {
+        let now = self.committed();
+        wait_for(Duration::from_secs(30), || async {
+            self.committed() >= now + rows
+        })
+        .await
     }
 
     /// Stops after the current transaction; the ids of every committed row.
@@ -165,6 +178,36 @@ pub async fn commit_marker(pg: &Postgres) -> (String, u64) {
     let id = insert_event(&tx, "marker", 0).await.expect("marker");
     tx.commit().await.expect("commit");
     (id, before)
+}
+
+/// Commits a marker after everything else, waits up to `timeout` until the slot is
+/// confirmed past it (so the broker acknowledged every earlier transaction), and
+/// returns the ids of every row in the outbox, the marker's among them.
+pub async fn ids_once_confirmed(pg: &Postgres, timeout: Duration) -> HashSet<String> {
+    let (marker, before_marker) = commit_marker(pg).await;
+    wait_confirmed_past(pg, before_marker, timeout).await;
+    let ids = pg.outbox_ids().await;
+    assert!(
+        ids.contains(&marker),
+        "the marker {marker} is not in the outbox"
+    );
+    ids
+}
+
+/// Waits until every committed row is acknowledged ([`ids_once_confirmed`]), then
+/// asserts that `stream` holds each row of the outbox exactly once and nothing else,
+/// in commit order per aggregate. Returns the outbox's ids and the stream's messages.
+pub async fn assert_outbox_delivered_once(
+    pg: &Postgres,
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    timeout: Duration,
+) -> (HashSet<String>, Vec<Received>) {
+    let expected = ids_once_confirmed(pg, timeout).await;
+    let msgs = read_stream(js, stream).await;
+    assert_delivered_once(&msgs, &expected);
+    assert_per_aggregate_order(&msgs);
+    (expected, msgs)
 }
 
 pub async fn wait_confirmed_past(pg: &Postgres, lsn: u64, timeout: Duration) {
