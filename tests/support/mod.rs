@@ -163,9 +163,8 @@ impl Postgres {
         for (name, value) in settings.chain(extra.iter().copied()) {
             opts.push_str(&format!(" -c {name}={value}"));
         }
-        let status = as_pg_user(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
+        let status = self
+            .pg_ctl()
             .arg("-l")
             .arg(self.dir.path().join("log"))
             .args(["-o", &opts])
@@ -180,15 +179,25 @@ impl Postgres {
         assert!(status.success(), "pg_ctl start failed; log: {}", self.log());
     }
 
-    /// Stops the server (fast mode: clients are disconnected).
-    pub fn stop(&self) {
-        let _ = as_pg_user(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .args(["-m", "fast", "-w", "stop"])
+    /// `pg_ctl -D <data directory>`, as the server's user.
+    fn pg_ctl(&self) -> Command {
+        let mut c = as_pg_user(&self.bin.join("pg_ctl"));
+        c.arg("-D").arg(self.dir.path().join("data"));
+        c
+    }
+
+    /// `pg_ctl stop -m <mode>`, waiting for the server to stop; quiet.
+    fn pg_ctl_stop(&self, mode: &str) -> std::io::Result<std::process::ExitStatus> {
+        self.pg_ctl()
+            .args(["-m", mode, "-w", "stop"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .status();
+            .status()
+    }
+
+    /// Stops the server (fast mode: clients are disconnected).
+    pub fn stop(&self) {
+        let _ = self.pg_ctl_stop("fast");
     }
 
     /// Stops and starts the server on the same port.
@@ -304,13 +313,7 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        let _ = as_pg_user(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .args(["-m", "immediate", "-w", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let _ = self.pg_ctl_stop("immediate");
     }
 }
 
@@ -966,9 +969,8 @@ impl Postgres {
 
     /// Ends standby mode: the server accepts connections as a primary.
     pub fn promote(&self) {
-        let status = as_pg_user(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
+        let status = self
+            .pg_ctl()
             .args(["-w", "-t", "60", "promote"])
             .stdout(Stdio::null())
             .status()
