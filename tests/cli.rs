@@ -3,23 +3,29 @@
 
 use crate::support;
 
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use support::{config, wait_for, Postgres, Relay};
 
-fn outboxd(args: &[&str], config_text: Option<&str>, env: &[(&str, &str)]) -> Output {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// `outboxd <args>`, with `config_text`, when given, written into `dir` and passed as
+/// `--config`.
+fn command(dir: &Path, args: &[&str], config_text: Option<&str>) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_outboxd"));
     cmd.args(args);
     if let Some(text) = config_text {
-        let path = dir.path().join("outboxd.toml");
+        let path = dir.join("outboxd.toml");
         std::fs::write(&path, text).expect("write config");
         cmd.arg("--config").arg(path);
     }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
+    cmd
+}
+
+fn outboxd(args: &[&str], config_text: Option<&str>, env: &[(&str, &str)]) -> Output {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cmd = command(dir.path(), args, config_text);
+    cmd.envs(env.iter().copied());
     cmd.env_remove("OUTBOXD_CONFIG")
         .output()
         .expect("run outboxd")
@@ -346,13 +352,7 @@ async fn check_counts_rds_replication_membership_as_replication() {
 /// and, when given, `config_text` as `--config`.
 fn outboxd_env(args: &[&str], config_text: Option<&str>, env: &[(&str, &str)]) -> Output {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outboxd"));
-    cmd.args(args);
-    if let Some(text) = config_text {
-        let path = dir.path().join("outboxd.toml");
-        std::fs::write(&path, text).expect("write config");
-        cmd.arg("--config").arg(path);
-    }
+    let mut cmd = command(dir.path(), args, config_text);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy()
             .to_ascii_uppercase()
@@ -362,9 +362,7 @@ fn outboxd_env(args: &[&str], config_text: Option<&str>, env: &[(&str, &str)]) -
         }
     }
     cmd.env_remove("RUST_LOG");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
+    cmd.envs(env.iter().copied());
     cmd.output().expect("run outboxd")
 }
 

@@ -5,9 +5,9 @@ use crate::support;
 
 use std::time::Duration;
 
-use support::{
-    config, free_port, http_get, metric, read_stream, stream_len, wait_for, Nats, Postgres, Relay,
-};
+use support::secure::http_port;
+use support::streaming::{ce_ids, read_at_least};
+use support::{config, http_get, metric, stream_len, Nats, Postgres, Relay};
 
 /// An outbox whose payload is text with a per-row content type, so a row can lie
 /// about its payload.
@@ -38,24 +38,16 @@ fn data(m: &support::Received) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_rows_go_to_the_dead_letter_subject_in_order() {
-    let pg = Postgres::start();
-    pg.client()
-        .await
-        .batch_execute(TEXT_OUTBOX)
-        .await
-        .expect("ddl");
+    let pg = Postgres::start_with_outbox(TEXT_OUTBOX).await;
     let nats = Nats::start();
-    let port = free_port();
-    let listen = format!("\"127.0.0.1:{port}\"");
-    let _relay = Relay::spawn(&config(
+    let cfg = config(
         &pg,
         Some(&nats),
-        &[
-            ("http", "listen", &listen),
-            ("postgres.columns", "content_type", "\"content_type\""),
-        ],
-    ));
+        &[("postgres.columns", "content_type", "\"content_type\"")],
+    );
+    let _relay = Relay::spawn(&cfg);
     pg.wait_streaming("outboxd").await;
+    let port = http_port(&cfg);
 
     // Given a good row, a row without a type, a row whose payload is not JSON, a good row
     insert(&pg, "good-1", Some("Created"), r#"{"n": 1}"#).await;
@@ -65,18 +57,8 @@ async fn invalid_rows_go_to_the_dead_letter_subject_in_order() {
 
     // Then all four arrive, in order, the two poison rows as dead letters
     let js = nats.jetstream().await;
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            stream_len(&js, "OUTBOX").await >= 4
-        })
-        .await
-    );
-    let msgs = read_stream(&js, "OUTBOX").await;
-    let ids: Vec<&str> = msgs
-        .iter()
-        .map(|m| m.header("ce-id").expect("id"))
-        .collect();
-    assert_eq!(ids, ["good-1", "no-type", "not-json", "good-2"]);
+    let msgs = read_at_least(&js, "OUTBOX", 4).await;
+    assert_eq!(ce_ids(&msgs), ["good-1", "no-type", "not-json", "good-2"]);
     for (m, reason) in [(&msgs[1], "invalid_row"), (&msgs[2], "payload_not_json")] {
         assert_eq!(m.subject, "outbox.deadletter");
         assert_eq!(m.header("ce-type"), Some("io.outboxd.deadletter"));
@@ -118,12 +100,7 @@ async fn invalid_rows_go_to_the_dead_letter_subject_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn halt_policy_stops_before_the_row_and_names_it() {
-    let pg = Postgres::start();
-    pg.client()
-        .await
-        .batch_execute(TEXT_OUTBOX)
-        .await
-        .expect("ddl");
+    let pg = Postgres::start_with_outbox(TEXT_OUTBOX).await;
     let nats = Nats::start();
     let mut relay = Relay::spawn(&config(
         &pg,
@@ -135,12 +112,7 @@ async fn halt_policy_stops_before_the_row_and_names_it() {
     // Given a good row, then a row without a type
     insert(&pg, "good-1", Some("Created"), r#"{"n": 1}"#).await;
     let js = nats.jetstream().await;
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            stream_len(&js, "OUTBOX").await >= 1
-        })
-        .await
-    );
+    read_at_least(&js, "OUTBOX", 1).await;
     let before_bad = pg.current_lsn().await;
     insert(&pg, "no-type-7", None, r#"{"n": 2}"#).await;
 
@@ -194,13 +166,7 @@ async fn an_event_larger_than_the_stream_allows_becomes_a_dead_letter() {
     }
 
     // Then the big one arrives as a dead letter without its data, in order
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            stream_len(&js, "OUTBOX").await >= 3
-        })
-        .await
-    );
-    let msgs = read_stream(&js, "OUTBOX").await;
+    let msgs = read_at_least(&js, "OUTBOX", 3).await;
     assert_eq!(msgs.len(), 3);
     assert_eq!(msgs[0].subject, "outbox.Order");
     assert_eq!(msgs[1].subject, "outbox.deadletter");

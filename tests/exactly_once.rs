@@ -6,11 +6,10 @@ use crate::support;
 
 use std::time::Duration;
 
-use support::faults::{commit_marker, kill_while_in_flight, wait_confirmed_past, Writer, SLOT};
-use support::{
-    assert_delivered_once, assert_per_aggregate_order, config, free_port, metric_sum, read_stream,
-    scrape, seed, wait_for, Nats, Postgres, Relay, SplitMix64,
-};
+use support::faults::{assert_outbox_delivered_once, kill_while_in_flight, Writer};
+use support::secure::http_port;
+use support::streaming::streaming;
+use support::{metric_sum, scrape, seed, SplitMix64};
 
 const STREAM: &str = "OUTBOX";
 
@@ -24,21 +23,12 @@ async fn nats_twenty_kills_beyond_the_duplicate_window_store_every_event_once() 
     let mut rng = SplitMix64::new(seed ^ 0xE0);
     // Given a relay in exactly-once mode whose stream forgets ids after 1 s, and a
     // writer committing 1..=20 rows per transaction over 1,000 aggregates
-    let pg = Postgres::start();
-    pg.create_outbox().await;
-    let nats = Nats::start();
-    let port = free_port();
-    let listen = format!("\"127.0.0.1:{port}\"");
-    let mut relay = Relay::spawn(&config(
-        &pg,
-        Some(&nats),
-        &[
-            ("http", "listen", &listen),
-            ("nats", "exactly_once", "true"),
-            ("nats", "stream_duplicate_window_secs", "1"),
-        ],
-    ));
-    pg.wait_streaming(SLOT).await;
+    let (pg, nats, cfg, mut relay) = streaming(&[
+        ("nats", "exactly_once", "true"),
+        ("nats", "stream_duplicate_window_secs", "1"),
+    ])
+    .await;
+    let port = http_port(&cfg);
     let writer = Writer::spawn(pg.url(), 1_000, 20, Duration::from_millis(10), seed);
     let js = nats.jetstream().await;
     let window = js
@@ -64,25 +54,14 @@ async fn nats_twenty_kills_beyond_the_duplicate_window_store_every_event_once() 
         mid_write, KILLS,
         "every kill lands while rows are committed"
     );
-    let committed = writer.committed();
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            writer.committed() >= committed + 200
-        })
-        .await
-    );
+    assert!(writer.wait_committed_more(200).await);
     let written = writer.finish().await;
 
     // Then every committed id is in the stream exactly once, in commit order per
     // aggregate
-    let (marker, before_marker) = commit_marker(&pg).await;
-    wait_confirmed_past(&pg, before_marker, Duration::from_secs(60)).await;
-    let expected = pg.outbox_ids().await;
+    let (expected, msgs) =
+        assert_outbox_delivered_once(&pg, &js, STREAM, Duration::from_secs(60)).await;
     assert_eq!(expected.len(), written.len() + 1, "writer bookkeeping");
-    assert!(expected.contains(&marker));
-    let msgs = read_stream(&js, STREAM).await;
-    assert_delivered_once(&msgs, &expected);
-    assert_per_aggregate_order(&msgs);
     let skipped = metric_sum(&scrape(port), "outboxd_events_skipped_total");
     eprintln!(
         "{} events stored once after {KILLS} kills; the last process skipped {skipped}",

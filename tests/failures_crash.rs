@@ -14,11 +14,14 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use support::faults::{
-    commit_marker, kill_while_in_flight, relay_log_lines, wait_confirmed_past, Writer, SLOT,
+    assert_outbox_delivered_once, commit_marker, kill_while_in_flight, relay_log_lines,
+    wait_confirmed_past, Writer, SLOT,
 };
+use support::secure::http_port;
+use support::streaming::streaming;
 use support::{
-    assert_delivered_once, assert_per_aggregate_order, config, free_port, metric_sum, read_stream,
-    scrape, seed, stream_len, wait_for, Nats, Postgres, Relay, SplitMix64,
+    config, free_port, metric_sum, scrape, seed, stream_len, wait_for, Nats, Postgres, Relay,
+    SplitMix64,
 };
 
 const STREAM: &str = "OUTBOX";
@@ -34,13 +37,8 @@ async fn crash_anywhere_twenty_kills() {
     let mut rng = SplitMix64::new(seed ^ 0x5EED);
     // Given a relay streaming and a writer committing 1..=20 rows per transaction over
     // 1,000 aggregates for the whole test
-    let pg = Postgres::start();
-    pg.create_outbox().await;
-    let nats = Nats::start();
-    let port = free_port();
-    let listen = format!("\"127.0.0.1:{port}\"");
-    let mut relay = Relay::spawn(&config(&pg, Some(&nats), &[("http", "listen", &listen)]));
-    pg.wait_streaming(SLOT).await;
+    let (pg, nats, cfg, mut relay) = streaming(&[]).await;
+    let port = http_port(&cfg);
     let writer = Writer::spawn(pg.url(), 1_000, 20, Duration::from_millis(10), seed);
     let js = nats.jetstream().await;
 
@@ -58,25 +56,14 @@ async fn crash_anywhere_twenty_kills() {
         started.elapsed()
     );
     // and, restarted for good, it catches up while the writer commits a little more
-    let committed = writer.committed();
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            writer.committed() >= committed + 200
-        })
-        .await
-    );
+    assert!(writer.wait_committed_more(200).await);
     let written = writer.finish().await;
 
     // Then every committed id is in the stream exactly once (JetStream dedup), none is
     // missing, and each aggregate's events are in commit order
-    let (marker, before_marker) = commit_marker(&pg).await;
-    wait_confirmed_past(&pg, before_marker, Duration::from_secs(60)).await;
-    let expected = pg.outbox_ids().await;
+    let (expected, msgs) =
+        assert_outbox_delivered_once(&pg, &js, STREAM, Duration::from_secs(60)).await;
     assert_eq!(expected.len(), written.len() + 1, "writer bookkeeping");
-    assert!(expected.contains(&marker));
-    let msgs = read_stream(&js, STREAM).await;
-    assert_delivered_once(&msgs, &expected);
-    assert_per_aggregate_order(&msgs);
     assert!(during_kills > 0, "no event was stored during the kills");
     eprintln!(
         "{} events over 1,000 aggregates in {:?}",
@@ -117,13 +104,7 @@ async fn crash_anywhere_twenty_kills_kafka() {
         mid_write, KILLS,
         "every kill lands while rows are committed"
     );
-    let committed = writer.committed();
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            writer.committed() >= committed + 200
-        })
-        .await
-    );
+    assert!(writer.wait_committed_more(200).await);
     let written = writer.finish().await;
 
     // Then every committed id arrives (Kafka keeps the repeats of unconfirmed events:
@@ -227,13 +208,7 @@ async fn sigterm_mid_batch_then_restart_publishes_no_duplicates() {
     // When it is restarted
     relay.start();
     // Then every row arrives once, in order per aggregate
-    let (marker, before_marker) = commit_marker(&pg).await;
-    wait_confirmed_past(&pg, before_marker, Duration::from_secs(60)).await;
-    let expected = pg.outbox_ids().await;
-    assert!(expected.contains(&marker));
-    let msgs = read_stream(&js, STREAM).await;
-    assert_delivered_once(&msgs, &expected);
-    assert_per_aggregate_order(&msgs);
+    let (_, msgs) = assert_outbox_delivered_once(&pg, &js, STREAM, Duration::from_secs(60)).await;
     // and the restarted process re-sent nothing the broker had acknowledged before
     let text = scrape(port);
     let published = metric_sum(&text, "outboxd_events_published_total");

@@ -13,13 +13,10 @@ use crate::support;
 use std::time::Duration;
 
 use support::faults::{
-    assert_no_panic, commit_marker, final_error, insert_lsn, last_line, stdout_ids,
-    wait_confirmed_past, SLOT,
+    assert_no_panic, assert_outbox_delivered_once, final_error, insert_lsn, last_line, stdout_ids,
+    SLOT,
 };
-use support::{
-    assert_delivered_once, assert_per_aggregate_order, config, free_port, insert_event, metric,
-    read_stream, scraped, wait_for, Nats, Postgres, Relay,
-};
+use support::{config, free_port, insert_event, metric, scraped, wait_for, Nats, Postgres, Relay};
 
 const STREAM: &str = "OUTBOX";
 
@@ -288,13 +285,8 @@ async fn unreachable_broker_at_start_is_retried_then_delivered() {
             .await
             .expect("insert");
     }
-    let (marker, before_marker) = commit_marker(&pg).await;
-    wait_confirmed_past(&pg, before_marker, Duration::from_secs(30)).await;
-    let expected = pg.outbox_ids().await;
-    assert!(expected.contains(&marker));
-    let msgs = read_stream(&nats.jetstream().await, STREAM).await;
-    assert_delivered_once(&msgs, &expected);
-    assert_per_aggregate_order(&msgs);
+    let js = nats.jetstream().await;
+    assert_outbox_delivered_once(&pg, &js, STREAM, Duration::from_secs(30)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

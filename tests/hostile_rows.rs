@@ -9,7 +9,8 @@ use crate::support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use support::{config, read_stream, stream_len, wait_for, Nats, Postgres, Received, Relay};
+use support::streaming::{read_at_least, streaming};
+use support::{config, read_stream, wait_for, Nats, Postgres, Received, Relay};
 
 /// An outbox with a text id (so an id can carry control characters) and a `json`
 /// headers column (unlike `jsonb`, it keeps a `\u0000` escape).
@@ -22,6 +23,22 @@ const TEXT_ID_OUTBOX: &str = "CREATE TABLE public.outbox (
     headers json,
     created_at timestamptz NOT NULL DEFAULT now()
 )";
+
+/// A row given as (id, aggregate_type, aggregate_id, event_type, headers).
+type Row<'a> = (&'a str, &'a str, &'a str, &'a str, Option<&'a str>);
+
+/// Commits `rows`, one transaction each, with the payload `{"n": 1}`.
+async fn insert_rows(db: &tokio_postgres::Client, rows: &[Row<'_>]) {
+    for (id, agg_type, agg_id, ty, headers) in rows {
+        db.execute(
+            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers) \
+             VALUES ($1, $2, $3, $4, '{\"n\": 1}', $5::text::json)",
+            &[id, agg_type, agg_id, ty, headers],
+        )
+        .await
+        .expect("insert");
+    }
+}
 
 /// Percent-decoding of a header value (the CloudEvents binding's encoding).
 fn decode(v: &str) -> String {
@@ -51,12 +68,7 @@ fn by_id<'a>(msgs: &'a [Received], id: &str) -> Vec<&'a Received> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_values_cannot_inject_nats_headers_or_shadow_a_later_event() {
     // Given a relay to a stock nats-server, on an outbox with text ids
-    let pg = Postgres::start();
-    pg.client()
-        .await
-        .batch_execute(TEXT_ID_OUTBOX)
-        .await
-        .expect("ddl");
+    let pg = Postgres::start_with_outbox(TEXT_ID_OUTBOX).await;
     let nats = Nats::start();
     let _relay = Relay::spawn(&config(&pg, Some(&nats), &[]));
     pg.wait_streaming("outboxd").await;
@@ -64,8 +76,7 @@ async fn row_values_cannot_inject_nats_headers_or_shadow_a_later_event() {
     // When rows carry CR, LF, other control characters and a NUL in every value that
     // reaches a header, then the real event whose id the first row tried to forge
     let db = pg.client().await;
-    let hostile: [(&str, &str, &str, &str, Option<&str>); 5] = [
-        // (id, aggregate_type, aggregate_id, event_type, headers)
+    let hostile: [Row; 5] = [
         (
             "order-1002-paid\r\nX-A: b",
             "Order",
@@ -92,27 +103,11 @@ async fn row_values_cannot_inject_nats_headers_or_shadow_a_later_event() {
         ("e-4\u{7}\t ", "Order", "o-4", "Created", None),
         ("order-1002-paid", "Order", "o-1", "OrderPaid", None),
     ];
-    for (id, agg_type, agg_id, ty, headers) in hostile {
-        db.execute(
-            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers) \
-             VALUES ($1, $2, $3, $4, '{\"n\": 1}', $5::text::json)",
-            &[&id, &agg_type, &agg_id, &ty, &headers],
-        )
-        .await
-        .expect("insert");
-    }
+    insert_rows(&db, &hostile).await;
 
     // Then every row arrives as its own message (none was taken for a duplicate)
     let js = nats.jetstream().await;
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            stream_len(&js, "OUTBOX").await >= 5
-        })
-        .await,
-        "expected 5 messages, got {}",
-        stream_len(&js, "OUTBOX").await
-    );
-    let msgs = read_stream(&js, "OUTBOX").await;
+    let msgs = read_at_least(&js, "OUTBOX", 5).await;
     assert_eq!(msgs.len(), 5, "{msgs:#?}");
     for (id, agg_type, agg_id, ty, _) in hostile {
         let found = by_id(&msgs, id);
@@ -220,15 +215,7 @@ async fn values_that_are_not_utf8_are_dead_lettered_with_the_reason() {
 
     // Then each bad row is a dead letter naming what is not UTF-8, the good one arrives
     let js = nats.jetstream().await;
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            stream_len(&js, "OUTBOX").await >= 5
-        })
-        .await,
-        "expected 5 messages, got {}",
-        stream_len(&js, "OUTBOX").await
-    );
-    let msgs = read_stream(&js, "OUTBOX").await;
+    let msgs = read_at_least(&js, "OUTBOX", 5).await;
     let dead: Vec<&Received> = msgs
         .iter()
         .filter(|m| m.subject == "outbox.deadletter")
@@ -268,11 +255,7 @@ async fn insert_sized(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_a_stock_nats_server_cannot_take_are_dead_lettered_not_retried() {
     // Given a relay to a stock nats-server (max_payload 1 MB, 4 KB control line)
-    let pg = Postgres::start();
-    pg.create_outbox().await;
-    let nats = Nats::start();
-    let relay = Relay::spawn(&config(&pg, Some(&nats), &[]));
-    pg.wait_streaming("outboxd").await;
+    let (pg, nats, _, relay) = streaming(&[]).await;
 
     // When an aggregate's second event is 5 MB, another's headers member is 2 MB, an
     // aggregate type is 5,000 characters and an aggregate id 100 KB, each followed by
@@ -341,12 +324,7 @@ async fn events_a_stock_nats_server_cannot_take_are_dead_lettered_not_retried() 
 async fn row_values_cannot_change_a_kafka_record_s_topic_key_or_headers() {
     use support::kafka::{kafka_config, read_topic, wait_records, Tansu};
     // Given a relay to a Kafka-protocol broker (tansu), on an outbox with text ids
-    let pg = Postgres::start();
-    pg.client()
-        .await
-        .batch_execute(TEXT_ID_OUTBOX)
-        .await
-        .expect("ddl");
+    let pg = Postgres::start_with_outbox(TEXT_ID_OUTBOX).await;
     let kafka = Tansu::start();
     kafka.create_topic("outbox.event.Order", 1).await;
     kafka.create_topic("outbox.event.Ord__er_", 1).await;
@@ -356,7 +334,7 @@ async fn row_values_cannot_change_a_kafka_record_s_topic_key_or_headers() {
     // When rows carry CR, LF, other control characters and a NUL in every value that
     // reaches the topic, the key or a header
     let db = pg.client().await;
-    let hostile: [(&str, &str, &str, &str, Option<&str>); 4] = [
+    let hostile: [Row; 4] = [
         (
             "order-1002-paid\r\nce_id: x",
             "Order",
@@ -380,15 +358,7 @@ async fn row_values_cannot_change_a_kafka_record_s_topic_key_or_headers() {
         ),
         ("order-1002-paid", "Order", "o-1", "OrderPaid", None),
     ];
-    for (id, agg_type, agg_id, ty, headers) in hostile {
-        db.execute(
-            "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers) \
-             VALUES ($1, $2, $3, $4, '{\"n\": 1}', $5::text::json)",
-            &[&id, &agg_type, &agg_id, &ty, &headers],
-        )
-        .await
-        .expect("insert");
-    }
+    insert_rows(&db, &hostile).await;
 
     // Then every row is its own record, its values byte for byte in the key and the
     // headers, and an aggregate type cannot leave its sanitised topic

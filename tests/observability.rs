@@ -5,6 +5,8 @@ use crate::support;
 
 use std::time::Duration;
 
+use support::secure::http_port;
+use support::streaming::streaming;
 use support::{
     config, free_port, http_get, metric, metric_sum, scrape, scraped, wait_for, Nats, Postgres,
     Relay,
@@ -25,22 +27,13 @@ async fn insert_rows(pg: &Postgres, n: usize, agg: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_follow_a_broker_outage_and_probes_stay_green() {
-    let pg = Postgres::start();
-    pg.create_outbox().await;
-    let mut nats = Nats::start();
-    let port = free_port();
-    let listen = format!("\"127.0.0.1:{port}\"");
-    let _relay = Relay::spawn(&config(
-        &pg,
-        Some(&nats),
-        &[
-            ("http", "listen", &listen),
-            ("postgres", "monitor_interval_secs", "1"),
-            ("postgres", "heartbeat_interval_secs", "1"),
-            ("nats", "ack_timeout_ms", "500"),
-        ],
-    ));
-    pg.wait_streaming("outboxd").await;
+    let (pg, mut nats, cfg, _relay) = streaming(&[
+        ("postgres", "monitor_interval_secs", "1"),
+        ("postgres", "heartbeat_interval_secs", "1"),
+        ("nats", "ack_timeout_ms", "500"),
+    ])
+    .await;
+    let port = http_port(&cfg);
 
     // Given 20 delivered events
     insert_rows(&pg, 20, "a-1").await;

@@ -8,6 +8,7 @@ use crate::support;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use support::faults::{insert_lsn, wait_confirmed_past};
 use support::kafka::{
     assert_order_per_key, commit_lsn, insert, java_partition, kafka_config, murmur2, n_of,
     partition_count, read_topic, wait_records, Record, Tansu,
@@ -63,11 +64,7 @@ async fn rows_arrive_once_in_their_topic_key_and_partition_as_binary_cloudevents
         ids.insert(insert(&db, "Order", &format!("o-{}", i % 5), n).await);
     }
     let tx = db.transaction().await.expect("begin");
-    let before_last_commit: i64 = tx
-        .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint", &[])
-        .await
-        .expect("lsn")
-        .get(0);
+    let before_last_commit = insert_lsn(&tx).await;
     n += 1;
     ids.insert(insert(&tx, "Customer", "c-0", n).await);
     tx.commit().await.expect("commit");
@@ -131,13 +128,7 @@ async fn rows_arrive_once_in_their_topic_key_and_partition_as_binary_cloudevents
     assert_order_per_key(&customers, n_of);
 
     // and the slot is confirmed past the last transaction once the broker acked it
-    assert!(
-        wait_for(Duration::from_secs(10), || async {
-            pg.confirmed_lsn("outboxd").await.unwrap_or(0) > before_last_commit as u64
-        })
-        .await,
-        "confirmed LSN did not pass the last commit"
-    );
+    wait_confirmed_past(&pg, before_last_commit, Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

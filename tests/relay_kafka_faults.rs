@@ -10,9 +10,43 @@ use std::time::Duration;
 
 use support::kafka::{
     assert_order_per_key, assert_same_event_when_repeated, ids_in, insert, kafka_config, n_of,
-    partition_count, read_topic, wait_exit, wait_records, write_rows, Tansu,
+    partition_count, read_topic, relay_to, wait_exit, wait_records, write_rows, Tansu,
 };
+use support::secure::outboxd;
 use support::{wait_for, Postgres, Relay};
+
+/// Waits until the relay has seen a delivery fail and retries it (during an outage).
+async fn wait_retrying(relay: &Relay) {
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            relay.stderr().contains("publish failed; retrying")
+        })
+        .await,
+        "no failed delivery was retried during the outage"
+    );
+}
+
+/// The relay process is still the one that started: it rode the trouble out.
+fn assert_still_running(relay: &mut Relay) {
+    assert!(
+        relay.try_exit().is_none(),
+        "relay exited:\n{}",
+        relay.stderr()
+    );
+}
+
+/// Commits one event of aggregate `aggregate` with a 50 kB payload (`n` 2); its id.
+async fn insert_50_kb(db: &tokio_postgres::Client, aggregate: &str) -> String {
+    db.query_one(
+        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
+         VALUES ('Order', $1, 'Updated', jsonb_build_object('n', 2, 'blob', repeat('x', 50000))) \
+         RETURNING id::text",
+        &[&aggregate],
+    )
+    .await
+    .expect("insert big")
+    .get(0)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_killed_and_restarted_loses_nothing_written_around_the_outage_and_the_relay_stays_up(
@@ -27,21 +61,18 @@ async fn broker_killed_and_restarted_loses_nothing_written_around_the_outage_and
     // keeps producer state on disk). `mock_cluster_broker_down_and_up_...` covers the
     // default idempotent producer across an outage with a broker that keeps its state.
     const TOPIC: &str = "outbox.event.Order";
-    let pg = Postgres::start();
-    pg.create_outbox().await;
     let mut kafka = Tansu::start();
     let brokers = kafka.brokers();
     // A short delivery timeout, so the outage shows up as failed delivery reports that
     // the relay must retry, not only as records waiting inside librdkafka.
-    let mut relay = Relay::spawn(&kafka_config(
-        &pg,
-        &kafka.brokers(),
+    let (pg, mut relay) = relay_to(
+        &brokers,
         &[
             ("kafka", "message_timeout_ms", "2000"),
             ("kafka.properties", "\"enable.idempotence\"", "\"false\""),
         ],
-    ));
-    pg.wait_streaming("outboxd").await;
+    )
+    .await;
     let db = pg.client().await;
 
     // Given events delivered before the outage
@@ -53,13 +84,7 @@ async fn broker_killed_and_restarted_loses_nothing_written_around_the_outage_and
     kafka.stop();
     let mut after = write_rows(&db, &mut n, 30).await;
     // and the relay has seen deliveries fail and is retrying them
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            relay.stderr().contains("publish failed; retrying")
-        })
-        .await,
-        "no failed delivery was retried during the outage"
-    );
+    wait_retrying(&relay).await;
     // then the broker comes back on the same port, and more events are committed
     kafka.resume();
     after.extend(write_rows(&db, &mut n, 20).await);
@@ -81,11 +106,7 @@ async fn broker_killed_and_restarted_loses_nothing_written_around_the_outage_and
     // in commit order per aggregate
     assert_order_per_key(&records, n_of);
     // and the relay never exited: the same process carried on
-    assert!(
-        relay.try_exit().is_none(),
-        "relay exited:\n{}",
-        relay.stderr()
-    );
+    assert_still_running(&mut relay);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,14 +119,7 @@ async fn mock_cluster_broker_down_and_up_loses_nothing_with_the_idempotent_produ
     let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
     mock.create_topic(TOPIC, 4, 1).expect("topic");
     let brokers = mock.bootstrap_servers();
-    let pg = Postgres::start();
-    pg.create_outbox().await;
-    let relay = Relay::spawn(&kafka_config(
-        &pg,
-        &brokers,
-        &[("kafka", "message_timeout_ms", "2000")],
-    ));
-    pg.wait_streaming("outboxd").await;
+    let (pg, mut relay) = relay_to(&brokers, &[("kafka", "message_timeout_ms", "2000")]).await;
     let db = pg.client().await;
     let mut n = 0i64;
     let mut all = write_rows(&db, &mut n, 20).await;
@@ -114,13 +128,7 @@ async fn mock_cluster_broker_down_and_up_loses_nothing_with_the_idempotent_produ
     // When the broker goes down while events are committed, and comes back
     mock.broker_down(1).expect("down");
     all.extend(write_rows(&db, &mut n, 30).await);
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            relay.stderr().contains("publish failed; retrying")
-        })
-        .await,
-        "no failed delivery was retried during the outage"
-    );
+    wait_retrying(&relay).await;
     mock.broker_up(1).expect("up");
     all.extend(write_rows(&db, &mut n, 20).await);
 
@@ -136,12 +144,7 @@ async fn mock_cluster_broker_down_and_up_loses_nothing_with_the_idempotent_produ
     assert_same_event_when_repeated(&records);
     assert_order_per_key(&records, n_of);
     // and the relay carried on in the same process
-    let mut relay = relay;
-    assert!(
-        relay.try_exit().is_none(),
-        "relay exited:\n{}",
-        relay.stderr()
-    );
+    assert_still_running(&mut relay);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,33 +152,21 @@ async fn an_event_over_the_size_limit_halts_naming_it_and_the_slot_stays_before_
     // (sink.on_rejected = "halt"; the default, dead_letter, is the next test)
     // Given a producer limit of 10 kB (librdkafka's message.max.bytes, passed through)
     const TOPIC: &str = "outbox.event.Order";
-    let pg = Postgres::start();
-    pg.create_outbox().await;
     let kafka = Tansu::start();
-    let mut relay = Relay::spawn(&kafka_config(
-        &pg,
+    let (pg, mut relay) = relay_to(
         &kafka.brokers(),
         &[
             ("kafka.properties", "\"message.max.bytes\"", "\"10000\""),
             ("sink", "on_rejected", "\"halt\""),
         ],
-    ));
-    pg.wait_streaming("outboxd").await;
+    )
+    .await;
     let db = pg.client().await;
     let small = insert(&db, "Order", "o-1", 1).await;
     wait_records(&kafka.brokers(), TOPIC, 1, Duration::from_secs(30)).await;
 
     // When a 50 kB event is committed, then a small one
-    let big: String = db
-        .query_one(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-             VALUES ('Order', 'o-2', 'Updated', jsonb_build_object('n', 2, 'blob', repeat('x', 50000))) \
-             RETURNING id::text",
-            &[],
-        )
-        .await
-        .expect("insert big")
-        .get(0);
+    let big = insert_50_kb(&db, "o-2").await;
     insert(&db, "Order", "o-3", 3).await;
 
     // Then the relay stops with exit code 1, naming the event and the reason
@@ -203,29 +194,17 @@ async fn an_event_over_the_size_limit_becomes_a_dead_letter_and_the_stream_goes_
     // Given a producer limit of 10 kB and the default policy (dead_letter)
     const TOPIC: &str = "outbox.event.Order";
     const DLQ: &str = "outbox.deadletter";
-    let pg = Postgres::start();
-    pg.create_outbox().await;
     let kafka = Tansu::start();
-    let _relay = Relay::spawn(&kafka_config(
-        &pg,
+    let (pg, _relay) = relay_to(
         &kafka.brokers(),
         &[("kafka.properties", "\"message.max.bytes\"", "\"10000\"")],
-    ));
-    pg.wait_streaming("outboxd").await;
+    )
+    .await;
     let db = pg.client().await;
 
     // When a 50 kB event sits between two small ones
     let first = insert(&db, "Order", "o-1", 1).await;
-    let big: String = db
-        .query_one(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-             VALUES ('Order', 'o-1', 'Updated', jsonb_build_object('n', 2, 'blob', repeat('x', 50000))) \
-             RETURNING id::text",
-            &[],
-        )
-        .await
-        .expect("insert big")
-        .get(0);
+    let big = insert_50_kb(&db, "o-1").await;
     let last = insert(&db, "Order", "o-1", 3).await;
 
     // Then the small ones arrive in their topic and the big one as a dead letter
@@ -244,21 +223,8 @@ async fn an_event_over_the_size_limit_becomes_a_dead_letter_and_the_stream_goes_
 
 /// Runs `outboxd check` with `config` and `args`; (exit code, stdout).
 fn check(config: &str, args: &[&str]) -> (Option<i32>, String) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("outboxd.toml");
-    std::fs::write(&path, config).expect("write config");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
-        .arg("check")
-        .arg("--config")
-        .arg(&path)
-        .args(args)
-        .env_remove("OUTBOXD_CONFIG")
-        .output()
-        .expect("run outboxd check");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    let out = outboxd(Some(config), &[&["check"], args].concat(), &[]);
+    (out.code, out.stdout)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,10 +292,7 @@ async fn a_fatal_idempotence_error_replaces_the_producer_and_loses_nothing() {
     let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
     mock.create_topic(TOPIC, 4, 1).expect("topic");
     let brokers = mock.bootstrap_servers();
-    let pg = Postgres::start();
-    pg.create_outbox().await;
-    let mut relay = Relay::spawn(&kafka_config(&pg, &brokers, &[]));
-    pg.wait_streaming("outboxd").await;
+    let (pg, mut relay) = relay_to(&brokers, &[]).await;
     mock.request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
@@ -359,9 +322,5 @@ async fn a_fatal_idempotence_error_replaces_the_producer_and_loses_nothing() {
     let records = read_topic(&brokers, TOPIC).await;
     assert_same_event_when_repeated(&records);
     assert_order_per_key(&records, n_of);
-    assert!(
-        relay.try_exit().is_none(),
-        "relay exited:\n{}",
-        relay.stderr()
-    );
+    assert_still_running(&mut relay);
 }

@@ -5,7 +5,9 @@ use crate::support;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use support::{config, read_stream, stream_len, wait_for, Nats, Postgres, Received, Relay};
+use support::faults::{insert_lsn, wait_confirmed_past};
+use support::streaming::streaming;
+use support::{assert_per_aggregate_order, read_stream, stream_len, wait_for};
 
 const STREAM: &str = "OUTBOX";
 
@@ -26,31 +28,10 @@ async fn insert(
     .get(0)
 }
 
-fn n_of(m: &Received) -> i64 {
-    let v: serde_json::Value = serde_json::from_slice(&m.payload).expect("json payload");
-    v["n"].as_i64().expect("n")
-}
-
-/// Per aggregate, `n` strictly increases in stream order.
-fn assert_per_aggregate_order(msgs: &[Received]) {
-    let mut last: HashMap<String, i64> = HashMap::new();
-    for m in msgs {
-        let agg = m.header("ce-subject").expect("subject").to_string();
-        let n = n_of(m);
-        if let Some(prev) = last.insert(agg.clone(), n) {
-            assert!(n > prev, "aggregate {agg}: event {n} arrived after {prev}");
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_rows_arrive_once_as_cloudevents_in_order() {
     // Given a relay on a fresh outbox
-    let pg = Postgres::start();
-    pg.create_outbox().await;
-    let nats = Nats::start();
-    let _relay = Relay::spawn(&config(&pg, Some(&nats), &[]));
-    pg.wait_streaming("outboxd").await;
+    let (pg, nats, _, _relay) = streaming(&[]).await;
     let mut db = pg.client().await;
 
     // When rows commit in one big transaction and in many small ones
@@ -73,11 +54,7 @@ async fn committed_rows_arrive_once_as_cloudevents_in_order() {
         ids.insert(id);
     }
     let tx = db.transaction().await.expect("begin");
-    let before_last_commit: i64 = tx
-        .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint", &[])
-        .await
-        .expect("lsn")
-        .get(0);
+    let before_last_commit = insert_lsn(&tx).await;
     n += 1;
     ids.insert(insert(&tx, "o-0", n, None).await);
     tx.commit().await.expect("commit");
@@ -137,22 +114,12 @@ async fn committed_rows_arrive_once_as_cloudevents_in_order() {
         }
     }
     // and the slot is confirmed past the last transaction once the broker acked it
-    assert!(
-        wait_for(Duration::from_secs(10), || async {
-            pg.confirmed_lsn("outboxd").await.unwrap_or(0) > before_last_commit as u64
-        })
-        .await,
-        "confirmed LSN did not pass the last commit"
-    );
+    wait_confirmed_past(&pg, before_last_commit, Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolled_back_transactions_publish_nothing() {
-    let pg = Postgres::start();
-    pg.create_outbox().await;
-    let nats = Nats::start();
-    let _relay = Relay::spawn(&config(&pg, Some(&nats), &[]));
-    pg.wait_streaming("outboxd").await;
+    let (pg, nats, _, _relay) = streaming(&[]).await;
     let mut db = pg.client().await;
 
     // Given a transaction that inserts and rolls back, then a committed marker
@@ -182,11 +149,7 @@ async fn rolled_back_transactions_publish_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_while_writing_loses_nothing_and_keeps_order() {
     const ROWS: i64 = 10_000;
-    let pg = Postgres::start();
-    pg.create_outbox().await;
-    let nats = Nats::start();
-    let mut relay = Relay::spawn(&config(&pg, Some(&nats), &[]));
-    pg.wait_streaming("outboxd").await;
+    let (pg, nats, _, mut relay) = streaming(&[]).await;
 
     // Given a writer committing 10,000 rows in transactions of 1..=50 rows over 100 aggregates
     let writer_db = pg.client().await;
@@ -255,23 +218,16 @@ async fn sigkill_while_writing_loses_nothing_and_keeps_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_confirms_and_exits_zero() {
-    let pg = Postgres::start();
-    pg.create_outbox().await;
-    let nats = Nats::start();
     let port = support::free_port();
     let listen = format!("\"127.0.0.1:{port}\"");
-    let mut relay = Relay::spawn(&config(
-        &pg,
-        Some(&nats),
-        &[
-            ("nats", "content_mode", "\"structured\""),
-            ("http", "listen", &listen),
-            // The broker hangs for a few seconds below: its acks must not time out
-            // meanwhile (a timed-out event is not retried during the drain).
-            ("nats", "ack_timeout_ms", "30000"),
-        ],
-    ));
-    pg.wait_streaming("outboxd").await;
+    let (pg, nats, _, mut relay) = streaming(&[
+        ("nats", "content_mode", "\"structured\""),
+        ("http", "listen", &listen),
+        // The broker hangs for a few seconds below: its acks must not time out
+        // meanwhile (a timed-out event is not retried during the drain).
+        ("nats", "ack_timeout_ms", "30000"),
+    ])
+    .await;
     let mut db = pg.client().await;
 
     // Given rows that were delivered
@@ -291,11 +247,7 @@ async fn sigterm_drains_confirms_and_exits_zero() {
         insert(&db, &format!("o-{}", n % 5), n, None).await;
     }
     let tx = db.transaction().await.expect("begin");
-    let before_last: i64 = tx
-        .query_one("SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint", &[])
-        .await
-        .expect("lsn")
-        .get(0);
+    let before_last = insert_lsn(&tx).await;
     insert(&tx, "o-0", 1000, None).await;
     tx.commit().await.expect("commit");
     // (every row read, the last transaction's among them, and not all acknowledged)
@@ -328,7 +280,7 @@ async fn sigterm_drains_confirms_and_exits_zero() {
     );
     let confirmed = pg.confirmed_lsn("outboxd").await.expect("slot");
     assert!(
-        confirmed > before_last as u64,
+        confirmed > before_last,
         "confirmed {confirmed:X} <= {before_last:X}\n{}",
         relay.stderr()
     );

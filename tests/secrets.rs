@@ -13,7 +13,8 @@ use crate::support;
 use std::time::Duration;
 
 use support::secure::{http_get_with, http_port, outboxd, user_block, Pki, SecureNats};
-use support::{config, insert_event, stream_len, wait_for, Postgres, Relay};
+use support::streaming::commit_when_streaming;
+use support::{config, stream_len, wait_for, Postgres, Relay};
 
 /// The role's real password, from `postgres.password_file`.
 const PG_PASSWORD: &str = "pgFileSecret-4f2a91";
@@ -175,16 +176,7 @@ async fn no_secret_is_ever_printed() {
 
     // And the server accepts it after a reload, events flow, Postgres restarts
     nats.reload(&user_block("outboxd", NATS_PASSWORD));
-    pg.wait_streaming("outboxd").await;
-    let js = nats
-        .jetstream(
-            &pki,
-            async_nats::ConnectOptions::with_user_and_password(
-                "outboxd".into(),
-                NATS_PASSWORD.into(),
-            ),
-        )
-        .await;
+    let js = nats.jetstream_as(&pki, "outboxd", NATS_PASSWORD).await;
     let arrived = |n: u64| {
         let js = js.clone();
         async move {
@@ -194,19 +186,10 @@ async fn no_secret_is_ever_printed() {
             .await
         }
     };
-    for n in 0..3 {
-        insert_event(&pg.client().await, "o-1", n)
-            .await
-            .expect("insert");
-    }
+    commit_when_streaming(&pg, "o-1", 0..3).await;
     assert!(arrived(3).await, "{}", relay.stderr());
     pg.restart();
-    pg.wait_streaming("outboxd").await;
-    for n in 3..6 {
-        insert_event(&pg.client().await, "o-1", n)
-            .await
-            .expect("insert");
-    }
+    commit_when_streaming(&pg, "o-1", 3..6).await;
     assert!(arrived(6).await, "{}", relay.stderr());
 
     // Then the guarded endpoints want the token, the probes do not
@@ -267,12 +250,7 @@ async fn no_secret_is_ever_printed() {
     )
     .expect("rewrite config");
     relay.start();
-    pg.wait_streaming("outboxd").await;
-    for n in 6..8 {
-        insert_event(&pg.client().await, "o-1", n)
-            .await
-            .expect("insert");
-    }
+    commit_when_streaming(&pg, "o-1", 6..8).await;
     assert!(arrived(8).await, "{}", relay.stderr());
     let (_, _, metrics) = http_get_with(port, "/metrics", &bearer_header).expect("metrics");
     seen.add("/metrics (second run)", metrics);

@@ -16,7 +16,8 @@ use crate::support;
 use std::time::Duration;
 
 use support::secure::{outboxd, user_block, Operator, Pki, SecureNats};
-use support::{config, insert_event, scrape, stream_len, wait_for, Postgres, Relay};
+use support::streaming::{commit_when_streaming, wait_stream_len};
+use support::{config, insert_event, scrape, wait_for, Postgres, Relay};
 
 const NATS_PASSWORD: &str = "n4ts-Pa55word-7d1e";
 
@@ -122,25 +123,10 @@ async fn tls_with_user_credentials_publishes_and_refused_ones_are_loud_and_backe
     nats.reload(&user_block("outboxd", NATS_PASSWORD));
 
     // Then the relay connects on its next retry and publishes over TLS
-    pg.wait_streaming("outboxd").await;
-    let db = pg.client().await;
-    for n in 0..3 {
-        insert_event(&db, "o-1", n).await.expect("insert");
-    }
-    let js = nats
-        .jetstream(
-            &pki,
-            async_nats::ConnectOptions::with_user_and_password(
-                "outboxd".into(),
-                NATS_PASSWORD.into(),
-            ),
-        )
-        .await;
+    let db = commit_when_streaming(&pg, "o-1", 0..3).await;
+    let js = nats.jetstream_as(&pki, "outboxd", NATS_PASSWORD).await;
     assert!(
-        wait_for(Duration::from_secs(30), || async {
-            stream_len(&js, "OUTBOX").await == 3
-        })
-        .await,
+        wait_stream_len(&js, "OUTBOX", 3).await,
         "events did not arrive; stderr:\n{}",
         relay.stderr()
     );
@@ -165,10 +151,7 @@ async fn tls_with_user_credentials_publishes_and_refused_ones_are_loud_and_backe
     nats.reload(&user_block("outboxd", NATS_PASSWORD));
     insert_event(&db, "o-1", 3).await.expect("insert");
     assert!(
-        wait_for(Duration::from_secs(30), || async {
-            stream_len(&js, "OUTBOX").await == 4
-        })
-        .await,
+        wait_stream_len(&js, "OUTBOX", 4).await,
         "{}",
         relay.stderr()
     );
@@ -202,21 +185,14 @@ async fn mutual_tls_with_an_nkey_publishes_and_a_wrong_ca_is_refused() {
 
     // When the relay runs with the client certificate and the seed
     let relay = Relay::spawn(&nats_config(&pg, &nats, &pki, &with_cert));
-    pg.wait_streaming("outboxd").await;
-    let db = pg.client().await;
-    for n in 0..2 {
-        insert_event(&db, "o-1", n).await.expect("insert");
-    }
+    commit_when_streaming(&pg, "o-1", 0..2).await;
 
     // Then the events arrive
     let js = nats
         .jetstream(&pki, async_nats::ConnectOptions::with_nkey(seed.clone()))
         .await;
     assert!(
-        wait_for(Duration::from_secs(30), || async {
-            stream_len(&js, "OUTBOX").await == 2
-        })
-        .await,
+        wait_stream_len(&js, "OUTBOX", 2).await,
         "events did not arrive; stderr:\n{}",
         relay.stderr()
     );
@@ -271,11 +247,7 @@ async fn a_creds_file_logs_in_to_a_server_in_operator_mode() {
         &pki,
         &[("nats", "creds_file", creds_key.as_str())],
     ));
-    pg.wait_streaming("outboxd").await;
-    let db = pg.client().await;
-    for n in 0..2 {
-        insert_event(&db, "o-1", n).await.expect("insert");
-    }
+    commit_when_streaming(&pg, "o-1", 0..2).await;
 
     // Then the events arrive, and the seed is never shown
     let js = nats
@@ -285,10 +257,7 @@ async fn a_creds_file_logs_in_to_a_server_in_operator_mode() {
         )
         .await;
     assert!(
-        wait_for(Duration::from_secs(30), || async {
-            stream_len(&js, "OUTBOX").await == 2
-        })
-        .await,
+        wait_stream_len(&js, "OUTBOX", 2).await,
         "events did not arrive; stderr:\n{}\nserver log:\n{}",
         relay.stderr(),
         nats.log()
@@ -353,27 +322,12 @@ async fn credentials_inside_nats_url_log_in_and_are_never_shown() {
 
     // When the relay runs
     let relay = Relay::spawn(&cfg);
-    pg.wait_streaming("outboxd").await;
-    let db = pg.client().await;
-    for n in 0..2 {
-        insert_event(&db, "o-1", n).await.expect("insert");
-    }
+    commit_when_streaming(&pg, "o-1", 0..2).await;
 
     // Then it logs in with them and the events arrive
-    let js = nats
-        .jetstream(
-            &pki,
-            async_nats::ConnectOptions::with_user_and_password(
-                "outboxd".into(),
-                URL_PASSWORD.into(),
-            ),
-        )
-        .await;
+    let js = nats.jetstream_as(&pki, "outboxd", URL_PASSWORD).await;
     assert!(
-        wait_for(Duration::from_secs(30), || async {
-            stream_len(&js, "OUTBOX").await == 2
-        })
-        .await,
+        wait_stream_len(&js, "OUTBOX", 2).await,
         "events did not arrive; stderr:\n{}\nserver log:\n{}",
         relay.stderr(),
         nats.log()

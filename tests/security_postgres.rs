@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use support::secure::{make_ca, make_signed};
 use support::{config, read_stream, wait_for, Nats, Postgres, Relay};
 
 /// The relay role's password (the tests also check it never shows up).
@@ -29,137 +30,37 @@ impl Certs {
             .expect("tempdir");
         // Postgres (another user when the tests run as root) must reach the files.
         chmod(dir.path(), 0o755);
-        let c = Self { dir };
-        c.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=outboxd test CA",
-        ]);
-        c.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "other-ca.key",
-            "-out",
-            "other-ca.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=some other CA",
-        ]);
-        c.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
+        let d = dir.path();
+        make_ca(d, "ca", "crt", "/CN=outboxd test CA");
+        make_ca(d, "other-ca", "crt", "/CN=some other CA");
+        make_signed(
+            d,
+            "server",
+            "crt",
             "/CN=localhost",
-        ]);
-        std::fs::write(
-            c.path("server.ext"),
             "subjectAltName = DNS:localhost, IP:127.0.0.1\n\
              basicConstraints = CA:FALSE\n\
              keyUsage = digitalSignature, keyEncipherment\n\
              extendedKeyUsage = serverAuth\n",
-        )
-        .expect("ext file");
-        c.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ]);
+            "ca",
+        );
         // A client certificate for role `certrole` (pg_hba `cert`: CN = role name).
-        c.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "client.key",
-            "-out",
-            "client.csr",
-            "-subj",
+        make_signed(
+            d,
+            "client",
+            "crt",
             "/CN=certrole",
-        ]);
-        std::fs::write(
-            c.path("client.ext"),
             "basicConstraints = CA:FALSE\n\
              keyUsage = digitalSignature\n\
              extendedKeyUsage = clientAuth\n",
-        )
-        .expect("ext file");
-        c.openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "client.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "client.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "client.ext",
-        ]);
+            "ca",
+        );
+        let c = Self { dir };
         // Postgres refuses a key others can read, and must own it (or root + group).
         let key = c.path("server.key");
         chmod(&key, 0o600);
         chown_to_postgres(&key);
         c
-    }
-
-    fn openssl(&self, args: &[&str]) {
-        let o = Command::new("openssl")
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .expect("openssl CLI (apt-get install openssl)");
-        assert!(
-            o.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
     }
 
     fn path(&self, name: &str) -> PathBuf {

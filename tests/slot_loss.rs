@@ -8,11 +8,10 @@ use crate::support;
 
 use std::time::Duration;
 
-use support::secure::{http_port, outboxd};
-use support::{
-    config, http_get, insert_event, metric, read_stream, stream_len, wait_for, Nats, Postgres,
-    Relay,
-};
+use support::faults::{blocked, drop_slot};
+use support::secure::outboxd;
+use support::streaming::{insert_events, read_at_least, streaming, wait_stream_len};
+use support::{insert_event, read_stream, stream_len, wait_for, Postgres, Relay};
 
 async fn wal_status(pg: &Postgres) -> Option<String> {
     pg.client()
@@ -28,8 +27,7 @@ async fn wal_status(pg: &Postgres) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalidated_slot_stops_the_relay_until_the_gap_is_accepted() {
-    let pg = Postgres::start();
-    pg.create_outbox().await;
+    let (pg, _nats, cfg, mut relay) = streaming(&[]).await;
     let db = pg.client().await;
     for sql in [
         "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'",
@@ -38,10 +36,6 @@ async fn invalidated_slot_stops_the_relay_until_the_gap_is_accepted() {
     ] {
         db.batch_execute(sql).await.expect("setup");
     }
-    let nats = Nats::start();
-    let cfg = config(&pg, Some(&nats), &[]);
-    let mut relay = Relay::spawn(&cfg);
-    pg.wait_streaming("outboxd").await;
     relay.terminate(Duration::from_secs(20)).expect("stops");
 
     // Given the slot is invalidated while no relay streams (WAL beyond max_slot_wal_keep_size)
@@ -86,31 +80,10 @@ async fn invalidated_slot_stops_the_relay_until_the_gap_is_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slot_dropped_while_streaming_is_not_recreated() {
-    let pg = Postgres::start();
-    pg.create_outbox().await;
-    let nats = Nats::start();
-    let cfg = config(&pg, Some(&nats), &[]);
-    let mut relay = Relay::spawn(&cfg);
-    pg.wait_streaming("outboxd").await;
+    let (pg, _nats, cfg, mut relay) = streaming(&[]).await;
 
     // Given an operator (or a failover) removes the slot under the running relay
-    let db = pg.client().await;
-    assert!(
-        wait_for(Duration::from_secs(20), || async {
-            let _ = db
-                .execute(
-                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
-                     WHERE slot_name = 'outboxd' AND active_pid IS NOT NULL",
-                    &[],
-                )
-                .await;
-            db.execute("SELECT pg_drop_replication_slot('outboxd')", &[])
-                .await
-                .is_ok()
-        })
-        .await,
-        "could not drop the slot"
-    );
+    drop_slot(&pg).await;
 
     // Then the relay does not create a new one: it waits for an operator and says why
     let problem = blocked(&cfg).await;
@@ -120,29 +93,6 @@ async fn slot_dropped_while_streaming_is_not_recreated() {
     );
     assert_eq!(pg.confirmed_lsn("outboxd").await, None, "no new slot");
     assert!(relay.try_exit().is_none(), "{}", relay.stderr());
-}
-
-/// Waits until the relay of `cfg` is blocked (role, readiness, metric, log); returns
-/// the problem it names.
-async fn blocked(cfg: &str) -> String {
-    let port = http_port(cfg);
-    assert!(
-        wait_for(Duration::from_secs(60), || async {
-            http_get(port, "/status").is_some_and(|(_, b)| b.contains("\"role\":\"blocked\""))
-        })
-        .await,
-        "not blocked: {:?}",
-        http_get(port, "/status")
-    );
-    let (code, body) = http_get(port, "/readyz").expect("readyz");
-    assert_eq!(code, 503, "{body}");
-    let text = http_get(port, "/metrics").expect("metrics").1;
-    assert_eq!(metric(&text, "outboxd_blocked"), Some(1.0), "{text}");
-    let status: serde_json::Value =
-        serde_json::from_str(&http_get(port, "/status").expect("status").1).expect("json");
-    let problem = status["problem"].as_str().expect("a problem").to_string();
-    assert!(body.contains(&problem), "{body}");
-    problem
 }
 
 /// The `N` of the `outboxd replay --since-xid N` that `problem` names.
@@ -186,39 +136,10 @@ async fn record_past_rows(pg: &Postgres) {
     );
 }
 
-async fn drop_slot(pg: &Postgres) {
-    let db = pg.client().await;
-    assert!(
-        wait_for(Duration::from_secs(20), || async {
-            let _ = db
-                .execute(
-                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
-                     WHERE slot_name = 'outboxd' AND active_pid IS NOT NULL",
-                    &[],
-                )
-                .await;
-            db.execute("SELECT pg_drop_replication_slot('outboxd')", &[])
-                .await
-                .is_ok()
-        })
-        .await,
-        "could not drop the slot"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_restart_after_slot_loss_refuses_and_the_switch_republishes_the_gap() {
     // Given a relay that delivered 5 events, and whose slot record has passed them
-    let pg = Postgres::start();
-    pg.create_outbox().await;
-    let nats = Nats::start();
-    let cfg = config(
-        &pg,
-        Some(&nats),
-        &[("postgres", "monitor_interval_secs", "1")],
-    );
-    let mut relay = Relay::spawn(&cfg);
-    pg.wait_streaming("outboxd").await;
+    let (pg, nats, cfg, mut relay) = streaming(&[("postgres", "monitor_interval_secs", "1")]).await;
     let db = pg.client().await;
     let mut before = Vec::new();
     for n in 1..=5 {
@@ -229,12 +150,7 @@ async fn a_plain_restart_after_slot_loss_refuses_and_the_switch_republishes_the_
         );
     }
     let js = nats.jetstream().await;
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            stream_len(&js, "OUTBOX").await == 5
-        })
-        .await
-    );
+    assert!(wait_stream_len(&js, "OUTBOX", 5).await);
     record_past_rows(&pg).await;
 
     // When the relay stops, its slot is dropped, and 7 rows are committed meanwhile
@@ -279,15 +195,7 @@ async fn a_plain_restart_after_slot_loss_refuses_and_the_switch_republishes_the_
     let later = insert_event(&db, "a-1", 13).await.expect("insert");
 
     // Then every gap row arrives once, then the later one, in order per aggregate
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            stream_len(&js, "OUTBOX").await >= 13
-        })
-        .await,
-        "{} events",
-        stream_len(&js, "OUTBOX").await
-    );
-    let msgs = read_stream(&js, "OUTBOX").await;
+    let msgs = read_at_least(&js, "OUTBOX", 13).await;
     let expected: std::collections::HashSet<String> =
         before.into_iter().chain(gap).chain([later]).collect();
     support::assert_delivered_once(&msgs, &expected);
@@ -302,28 +210,12 @@ async fn a_plain_restart_after_slot_loss_refuses_and_the_switch_republishes_the_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publication_created_again_is_caught_by_check_and_the_gap_recovered() {
     // Given a relay that delivered 3 events
-    let pg = Postgres::start();
-    pg.create_outbox().await;
-    let nats = Nats::start();
-    let cfg = config(
-        &pg,
-        Some(&nats),
-        &[("postgres", "monitor_interval_secs", "1")],
-    );
-    let relay = Relay::spawn(&cfg);
-    pg.wait_streaming("outboxd").await;
+    let (pg, nats, cfg, relay) = streaming(&[("postgres", "monitor_interval_secs", "1")]).await;
     let db = pg.client().await;
-    let mut expected = std::collections::HashSet::new();
-    for n in 1..=3 {
-        expected.insert(insert_event(&db, "p-1", n).await.expect("insert"));
-    }
+    let mut expected: std::collections::HashSet<String> =
+        insert_events(&db, "p-1", 1..=3).await.into_iter().collect();
     let js = nats.jetstream().await;
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            stream_len(&js, "OUTBOX").await == 3
-        })
-        .await
-    );
+    assert!(wait_stream_len(&js, "OUTBOX", 3).await);
     record_past_rows(&pg).await;
 
     // When the publication is dropped and created again while it streams, and rows

@@ -9,30 +9,13 @@ use crate::support;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use support::faults::blocked;
 use support::secure::http_port;
+use support::streaming::{insert_events, streaming, wait_stream_len};
 use support::{
-    assert_per_aggregate_order, config, http_get, insert_event, metric, outbox_ddl, read_stream,
-    stream_len, wait_for, Nats, Postgres, Relay,
+    assert_per_aggregate_order, http_get, insert_event, outbox_ddl, read_stream, wait_for, Nats,
+    Relay,
 };
-
-/// Waits until the relay of `cfg` waits for an operator; returns the problem it names.
-async fn blocked(cfg: &str) -> String {
-    let port = http_port(cfg);
-    assert!(
-        wait_for(Duration::from_secs(60), || async {
-            http_get(port, "/status").is_some_and(|(_, b)| b.contains("\"role\":\"blocked\""))
-        })
-        .await,
-        "not blocked: {:?}",
-        http_get(port, "/status")
-    );
-    assert_eq!(http_get(port, "/readyz").map(|r| r.0), Some(503));
-    let text = http_get(port, "/metrics").expect("metrics").1;
-    assert_eq!(metric(&text, "outboxd_blocked"), Some(1.0), "{text}");
-    let (_, body) = http_get(port, "/status").expect("status");
-    let status: serde_json::Value = serde_json::from_str(&body).expect("json");
-    status["problem"].as_str().expect("a problem").to_string()
-}
 
 /// The ids in the stream.
 async fn ids(nats: &Nats) -> HashSet<String> {
@@ -48,26 +31,10 @@ async fn ids(nats: &Nats) -> HashSet<String> {
 /// restart, and a restart with `--resync-table` must deliver every row.
 async fn changed_table_is_noticed_and_resynced(change: &str, says: &str) {
     // Given a relay that delivered 2 events
-    let pg = Postgres::start();
-    pg.create_outbox().await;
-    let nats = Nats::start();
-    let cfg = config(
-        &pg,
-        Some(&nats),
-        &[("postgres", "monitor_interval_secs", "1")],
-    );
-    let mut relay = Relay::spawn(&cfg);
-    pg.wait_streaming("outboxd").await;
+    let (pg, nats, cfg, mut relay) = streaming(&[("postgres", "monitor_interval_secs", "1")]).await;
     let db = pg.client().await;
-    for n in 1..=2 {
-        insert_event(&db, "t-1", n).await.expect("insert");
-    }
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            stream_len(&nats.jetstream().await, "OUTBOX").await == 2
-        })
-        .await
-    );
+    insert_events(&db, "t-1", 1..=2).await;
+    assert!(wait_stream_len(&nats.jetstream().await, "OUTBOX", 2).await);
 
     // When the table changes while it streams, and 9 rows are written to it
     db.batch_execute(change).await.expect("change");

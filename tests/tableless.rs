@@ -3,22 +3,14 @@
 
 use crate::support;
 
-use std::process::Command;
-use std::time::Duration;
-
-use support::{config, read_stream, stream_len, wait_for, Nats, Postgres, Relay};
+use support::secure::outboxd;
+use support::streaming::{ce_ids, read_at_least, streaming};
+use support::{config, Nats, Postgres, Relay};
 
 /// Runs `outboxd setup --apply` (table, publication, slot, outbox_emit()).
 fn setup(cfg: &str) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("outboxd.toml");
-    std::fs::write(&path, cfg).expect("config");
-    let o = Command::new(env!("CARGO_BIN_EXE_outboxd"))
-        .args(["setup", "--apply", "--config"])
-        .arg(&path)
-        .output()
-        .expect("setup");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = outboxd(Some(cfg), &["setup", "--apply"], &[]);
+    assert_eq!(o.code, Some(0), "{}", o.all());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,18 +86,9 @@ async fn emitted_events_follow_commit_order_and_rollbacks() {
 
     // Then the committed ones arrive in commit order, the ghosts never
     let js = nats.jetstream().await;
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            stream_len(&js, "OUTBOX").await >= 5
-        })
-        .await
-    );
     // (a delivered ghost would stand before `last` in commit order and break this)
-    let msgs = read_stream(&js, "OUTBOX").await;
-    let ids: Vec<&str> = msgs
-        .iter()
-        .map(|m| m.header("ce-id").expect("id"))
-        .collect();
+    let msgs = read_at_least(&js, "OUTBOX", 5).await;
+    let ids = ce_ids(&msgs);
     let mut expected = vec![table_id.as_str()];
     expected.extend(tx_ids.iter().map(String::as_str));
     expected.push(&last);
@@ -123,11 +106,7 @@ async fn emitted_events_follow_commit_order_and_rollbacks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn insert_and_delete_in_one_transaction_still_delivers() {
-    let pg = Postgres::start();
-    pg.create_outbox().await;
-    let nats = Nats::start();
-    let _relay = Relay::spawn(&config(&pg, Some(&nats), &[]));
-    pg.wait_streaming("outboxd").await;
+    let (pg, nats, _, _relay) = streaming(&[]).await;
 
     // Given an application that deletes its outbox row in the same transaction
     let id: String = {
@@ -150,14 +129,7 @@ async fn insert_and_delete_in_one_transaction_still_delivers() {
     };
 
     // Then the event is delivered (the WAL carries the insert), and the table is empty
-    let js = nats.jetstream().await;
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            stream_len(&js, "OUTBOX").await >= 1
-        })
-        .await
-    );
-    let msgs = read_stream(&js, "OUTBOX").await;
+    let msgs = read_at_least(&nats.jetstream().await, "OUTBOX", 1).await;
     assert_eq!(msgs[0].header("ce-id"), Some(id.as_str()));
     let left: i64 = pg
         .client()

@@ -1,12 +1,17 @@
 //! Helpers of the fault-injection tests: a writer that survives lost connections,
-//! commit markers, and readers of the relay's output.
+//! commit markers, dropping the slot under a relay, and readers of the relay's
+//! output (its log, and its HTTP status once it waits for an operator).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{insert_event, wait_for, Postgres, Relay, SplitMix64};
+use super::secure::http_port;
+use super::{
+    assert_delivered_once, assert_per_aggregate_order, http_get, insert_event, metric, read_stream,
+    wait_for, Postgres, Received, Relay, SplitMix64,
+};
 
 /// The slot every fault test uses (the config's default).
 pub const SLOT: &str = "outboxd";
@@ -65,6 +70,16 @@ impl Writer {
     /// Rows known to be committed so far.
     pub fn committed(&self) -> usize {
         self.committed.load(Ordering::Relaxed)
+    }
+
+    /// Waits up to 30 s until the writer has committed `rows` more rows than now;
+    /// returns whether it did.
+    pub async fn wait_committed_more(&self, rows: usize) -> bool {
+        let now = self.committed();
+        wait_for(Duration::from_secs(30), || async {
+            self.committed() >= now + rows
+        })
+        .await
     }
 
     /// Stops after the current transaction; the ids of every committed row.
@@ -163,6 +178,36 @@ pub async fn commit_marker(pg: &Postgres) -> (String, u64) {
     let id = insert_event(&tx, "marker", 0).await.expect("marker");
     tx.commit().await.expect("commit");
     (id, before)
+}
+
+/// Commits a marker after everything else, waits up to `timeout` until the slot is
+/// confirmed past it (so the broker acknowledged every earlier transaction), and
+/// returns the ids of every row in the outbox, the marker's among them.
+pub async fn ids_once_confirmed(pg: &Postgres, timeout: Duration) -> HashSet<String> {
+    let (marker, before_marker) = commit_marker(pg).await;
+    wait_confirmed_past(pg, before_marker, timeout).await;
+    let ids = pg.outbox_ids().await;
+    assert!(
+        ids.contains(&marker),
+        "the marker {marker} is not in the outbox"
+    );
+    ids
+}
+
+/// Waits until every committed row is acknowledged ([`ids_once_confirmed`]), then
+/// asserts that `stream` holds each row of the outbox exactly once and nothing else,
+/// in commit order per aggregate. Returns the outbox's ids and the stream's messages.
+pub async fn assert_outbox_delivered_once(
+    pg: &Postgres,
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    timeout: Duration,
+) -> (HashSet<String>, Vec<Received>) {
+    let expected = ids_once_confirmed(pg, timeout).await;
+    let msgs = read_stream(js, stream).await;
+    assert_delivered_once(&msgs, &expected);
+    assert_per_aggregate_order(&msgs);
+    (expected, msgs)
 }
 
 pub async fn wait_confirmed_past(pg: &Postgres, lsn: u64, timeout: Duration) {
@@ -282,4 +327,51 @@ pub async fn kill_while_in_flight(
     }
     eprintln!("{mid_write} of {kills} kills landed after the relay had published, with rows committed during its life");
     mid_write
+}
+
+/// Drops the slot as an operator (or a failover) would, terminating the walsender
+/// that holds it first; retried for 20 s, as the relay may take the slot back between
+/// the two statements.
+pub async fn drop_slot(pg: &Postgres) {
+    let db = pg.client().await;
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            let _ = db
+                .execute(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                     WHERE slot_name = 'outboxd' AND active_pid IS NOT NULL",
+                    &[],
+                )
+                .await;
+            db.execute("SELECT pg_drop_replication_slot('outboxd')", &[])
+                .await
+                .is_ok()
+        })
+        .await,
+        "could not drop the slot"
+    );
+}
+
+/// Waits until the relay of `cfg` waits for an operator, as every outside view shows
+/// it: `/status` says role `blocked`, `/readyz` is 503 and names the problem, and
+/// `outboxd_blocked` is 1. Returns the problem `/status` names.
+pub async fn blocked(cfg: &str) -> String {
+    let port = http_port(cfg);
+    assert!(
+        wait_for(Duration::from_secs(60), || async {
+            http_get(port, "/status").is_some_and(|(_, b)| b.contains("\"role\":\"blocked\""))
+        })
+        .await,
+        "not blocked: {:?}",
+        http_get(port, "/status")
+    );
+    let (code, body) = http_get(port, "/readyz").expect("readyz");
+    assert_eq!(code, 503, "{body}");
+    let text = http_get(port, "/metrics").expect("metrics").1;
+    assert_eq!(metric(&text, "outboxd_blocked"), Some(1.0), "{text}");
+    let status: serde_json::Value =
+        serde_json::from_str(&http_get(port, "/status").expect("status").1).expect("json");
+    let problem = status["problem"].as_str().expect("a problem").to_string();
+    assert!(body.contains(&problem), "{body}");
+    problem
 }

@@ -181,6 +181,18 @@ pub fn kafka_config(pg: &Postgres, brokers: &str, overrides: &[(&str, &str, &str
     super::config(pg, None, &all)
 }
 
+/// Starts Postgres (outbox created) and a relay of it to the broker(s) at `brokers`
+/// with `overrides` (see [`kafka_config`]), and waits until the relay streams. Returns
+/// them in the order `let (pg, relay) = …` declares them, so the relay is dropped
+/// before the database.
+pub async fn relay_to(brokers: &str, overrides: &[(&str, &str, &str)]) -> (Postgres, Relay) {
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let relay = Relay::spawn(&kafka_config(&pg, brokers, overrides));
+    pg.wait_streaming("outboxd").await;
+    (pg, relay)
+}
+
 /// One record read back.
 #[derive(Debug, Clone)]
 pub struct Record {

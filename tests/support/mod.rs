@@ -20,6 +20,7 @@ pub mod faults;
 pub mod kafka;
 pub mod replica;
 pub mod secure;
+pub mod streaming;
 
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
@@ -162,9 +163,8 @@ impl Postgres {
         for (name, value) in settings.chain(extra.iter().copied()) {
             opts.push_str(&format!(" -c {name}={value}"));
         }
-        let status = as_pg_user(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
+        let status = self
+            .pg_ctl()
             .arg("-l")
             .arg(self.dir.path().join("log"))
             .args(["-o", &opts])
@@ -179,15 +179,25 @@ impl Postgres {
         assert!(status.success(), "pg_ctl start failed; log: {}", self.log());
     }
 
-    /// Stops the server (fast mode: clients are disconnected).
-    pub fn stop(&self) {
-        let _ = as_pg_user(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .args(["-m", "fast", "-w", "stop"])
+    /// `pg_ctl -D <data directory>`, as the server's user.
+    fn pg_ctl(&self) -> Command {
+        let mut c = as_pg_user(&self.bin.join("pg_ctl"));
+        c.arg("-D").arg(self.dir.path().join("data"));
+        c
+    }
+
+    /// `pg_ctl stop -m <mode>`, waiting for the server to stop; quiet.
+    fn pg_ctl_stop(&self, mode: &str) -> std::io::Result<std::process::ExitStatus> {
+        self.pg_ctl()
+            .args(["-m", mode, "-w", "stop"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .status();
+            .status()
+    }
+
+    /// Stops the server (fast mode: clients are disconnected).
+    pub fn stop(&self) {
+        let _ = self.pg_ctl_stop("fast");
     }
 
     /// Stops and starts the server on the same port.
@@ -219,9 +229,21 @@ impl Postgres {
 
     /// Creates the default outbox table.
     pub async fn create_outbox(&self) {
+        self.run_ddl(outbox_ddl()).await;
+    }
+
+    /// Starts a cluster whose outbox is made by `ddl`, a table of another shape than
+    /// [`outbox_ddl`]'s (no publication: the relay creates it).
+    pub async fn start_with_outbox(ddl: &str) -> Self {
+        let pg = Self::start();
+        pg.run_ddl(ddl).await;
+        pg
+    }
+
+    async fn run_ddl(&self, ddl: &str) {
         self.client()
             .await
-            .batch_execute(outbox_ddl())
+            .batch_execute(ddl)
             .await
             .expect("create outbox");
     }
@@ -291,13 +313,7 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        let _ = as_pg_user(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .args(["-m", "immediate", "-w", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let _ = self.pg_ctl_stop("immediate");
     }
 }
 
@@ -953,9 +969,8 @@ impl Postgres {
 
     /// Ends standby mode: the server accepts connections as a primary.
     pub fn promote(&self) {
-        let status = as_pg_user(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
+        let status = self
+            .pg_ctl()
             .args(["-w", "-t", "60", "promote"])
             .stdout(Stdio::null())
             .status()

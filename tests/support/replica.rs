@@ -11,7 +11,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -140,13 +140,7 @@ impl Postgres {
 
     /// Stops the server at once, as a crash would (`pg_ctl stop -m immediate`).
     pub fn crash(&self) {
-        let status = as_pg_user(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .args(["-m", "immediate", "-w", "stop"])
-            .stdout(Stdio::null())
-            .status()
-            .expect("pg_ctl stop");
+        let status = self.pg_ctl_stop("immediate").expect("pg_ctl stop");
         assert!(status.success(), "pg_ctl stop -m immediate failed");
     }
 }

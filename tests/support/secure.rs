@@ -29,6 +29,76 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// The `openssl req` options of a new P-256 key, written unencrypted.
+const EC_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
+/// Makes a self-signed CA in `dir`, valid for 2 days: its key `<stem>.key` and its
+/// certificate `<stem>.<cert_ext>`, of subject `subject`.
+pub fn make_ca(dir: &Path, stem: &str, cert_ext: &str, subject: &str) {
+    let (key, cert) = (format!("{stem}.key"), format!("{stem}.{cert_ext}"));
+    let mut req = vec!["req", "-x509"];
+    req.extend(EC_KEY);
+    req.extend([
+        "-keyout",
+        &key,
+        "-out",
+        &cert,
+        "-days",
+        "2",
+        "-subj",
+        subject,
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    openssl(dir, &req);
+}
+
+/// Makes a key `<stem>.key` and a certificate `<stem>.<cert_ext>` of subject `subject`
+/// in `dir`, valid for 2 days, with the X.509 extensions `ext` (an extfile's lines),
+/// signed by the CA `<ca>.key` / `<ca>.<cert_ext>` of [`make_ca`].
+pub fn make_signed(dir: &Path, stem: &str, cert_ext: &str, subject: &str, ext: &str, ca: &str) {
+    let (key, csr, cert, extfile) = (
+        format!("{stem}.key"),
+        format!("{stem}.csr"),
+        format!("{stem}.{cert_ext}"),
+        format!("{stem}.ext"),
+    );
+    let (ca_key, ca_cert) = (format!("{ca}.key"), format!("{ca}.{cert_ext}"));
+    std::fs::write(dir.join(&extfile), ext).expect("ext file");
+    let mut req = vec!["req"];
+    req.extend(EC_KEY);
+    req.extend(["-keyout", &key, "-out", &csr, "-subj", subject]);
+    openssl(dir, &req);
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_cert,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-extfile",
+            &extfile,
+        ],
+    );
+}
+
 impl Pki {
     /// Generates `ca.pem`, `server.pem`/`server.key` and `client.pem`/`client.key`.
     pub fn generate() -> Self {
@@ -37,71 +107,23 @@ impl Pki {
             .tempdir()
             .expect("tempdir");
         let d = dir.path();
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        let mut ca = vec!["req", "-x509"];
-        ca.extend(ec);
-        ca.extend([
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=outboxd test CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        openssl(d, &ca);
-        for (name, ext) in [
-            (
-                "server",
-                "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-            ),
-            ("client", "extendedKeyUsage=clientAuth\n"),
-        ] {
-            let (key, csr, pem, extfile) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.pem"),
-                format!("{name}.ext"),
-            );
-            std::fs::write(d.join(&extfile), ext).expect("ext file");
-            let mut req = vec!["req"];
-            req.extend(ec);
-            req.extend(["-keyout", &key, "-out", &csr, "-subj"]);
-            let subj = format!("/CN=outboxd test {name}");
-            req.push(&subj);
-            openssl(d, &req);
-            openssl(
-                d,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &csr,
-                    "-CA",
-                    "ca.pem",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-out",
-                    &pem,
-                    "-days",
-                    "2",
-                    "-extfile",
-                    &extfile,
-                ],
-            );
-        }
+        make_ca(d, "ca", "pem", "/CN=outboxd test CA");
+        make_signed(
+            d,
+            "server",
+            "pem",
+            "/CN=outboxd test server",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+            "ca",
+        );
+        make_signed(
+            d,
+            "client",
+            "pem",
+            "/CN=outboxd test client",
+            "extendedKeyUsage=clientAuth\n",
+            "ca",
+        );
         Self { dir }
     }
 
@@ -218,6 +240,13 @@ impl SecureNats {
         }
         let client = o.connect(self.url()).await.expect("test client connects");
         jetstream::new(client)
+    }
+
+    /// [`SecureNats::jetstream`] logged in as `user` with `password`.
+    pub async fn jetstream_as(&self, pki: &Pki, user: &str, password: &str) -> jetstream::Context {
+        let login =
+            async_nats::ConnectOptions::with_user_and_password(user.into(), password.into());
+        self.jetstream(pki, login).await
     }
 }
 
