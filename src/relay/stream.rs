@@ -262,19 +262,29 @@ fn confirm_txns(stream: &Stream, t: &Telemetry, progress: &Progress, lsn: u64) {
 /// Exactly-once, before the first row: what the broker already holds, within the
 /// set-up bound.
 async fn resume(ctx: &Ctx<'_>) -> Result<crate::sink::Resume, RelayError> {
-    let resume = tokio::time::timeout(SETUP_TIMEOUT, ctx.sink.resume())
-        .await
-        .map_err(|_| SinkError::Aborted {
-            sink: ctx.sink.name(),
-            reason: "timeout",
-            detail: format!("reading the checkpoint back took longer than {SETUP_TIMEOUT:?}"),
-        })??;
+    let resume = within(ctx, "reading the checkpoint back", ctx.sink.resume()).await?;
     tracing::info!(
         through = ?resume.through.map(|c| format!("{}#{}", lsn_text(c.commit_lsn), c.index)),
         ids_after = resume.ids.len(),
         "exactly-once: resuming after what the broker holds"
     );
     Ok(resume)
+}
+
+/// Awaits an exactly-once step of the sink for at most [`SETUP_TIMEOUT`]; running
+/// over loses the broker transaction, like any other failure of the step.
+async fn within<T>(
+    ctx: &Ctx<'_>,
+    what: &str,
+    step: impl std::future::Future<Output = Result<T, SinkError>>,
+) -> Result<T, SinkError> {
+    tokio::time::timeout(SETUP_TIMEOUT, step)
+        .await
+        .map_err(|_| SinkError::Aborted {
+            sink: ctx.sink.name(),
+            reason: "timeout",
+            detail: format!("{what} took longer than {SETUP_TIMEOUT:?}"),
+        })?
 }
 
 /// How long reading the checkpoint back, or writing one, may take.
@@ -289,13 +299,12 @@ async fn write_checkpoint(
     checkpoints: &mut Checkpoints,
 ) -> Result<(), RelayError> {
     let started = std::time::Instant::now();
-    tokio::time::timeout(SETUP_TIMEOUT, ctx.sink.checkpoint(checkpoints.position()))
-        .await
-        .map_err(|_| SinkError::Aborted {
-            sink: ctx.sink.name(),
-            reason: "timeout",
-            detail: format!("writing the checkpoint took longer than {SETUP_TIMEOUT:?}"),
-        })??;
+    within(
+        ctx,
+        "writing the checkpoint",
+        ctx.sink.checkpoint(checkpoints.position()),
+    )
+    .await?;
     ctx.t
         .metrics
         .checkpoint_duration
@@ -329,15 +338,7 @@ fn on_result(
         Ok(delivered) => {
             sink_recovered(ctx.t);
             acknowledged(ctx.t, sink, &item, &delivered);
-            if let Some(lsn) = progress
-                .ack(item.txn)
-                .and_then(|l| checkpoints.confirmable(l))
-            {
-                confirm_txns(stream, ctx.t, progress, lsn);
-            }
-            if let Some(next) = gate.release(&item.env.aggregate_id) {
-                in_flight.push(deliver(ctx, next, Duration::ZERO));
-            }
+            handled(ctx, progress, checkpoints, gate, in_flight, stream, &item);
             return Ok(());
         }
         Err(e) => e,
@@ -378,20 +379,32 @@ fn on_result(
                     Duration::ZERO,
                 )),
                 // Recorded in the log: handled, like an ack.
-                None => {
-                    if let Some(lsn) = progress
-                        .ack(item.txn)
-                        .and_then(|l| checkpoints.confirmable(l))
-                    {
-                        confirm_txns(stream, ctx.t, progress, lsn);
-                    }
-                    if let Some(next) = gate.release(&item.env.aggregate_id) {
-                        in_flight.push(deliver(ctx, next, Duration::ZERO));
-                    }
-                }
+                None => handled(ctx, progress, checkpoints, gate, in_flight, stream, &item),
             }
             Ok(())
         }
+    }
+}
+
+/// `item` is done with (acknowledged, or recorded in the log): its transaction may be
+/// confirmed, and the next event of its aggregate goes.
+fn handled(
+    ctx: &Ctx<'_>,
+    progress: &mut Progress,
+    checkpoints: &mut Checkpoints,
+    gate: &mut Gate<Item>,
+    in_flight: &InFlight,
+    stream: &Stream,
+    item: &Item,
+) {
+    if let Some(lsn) = progress
+        .ack(item.txn)
+        .and_then(|l| checkpoints.confirmable(l))
+    {
+        confirm_txns(stream, ctx.t, progress, lsn);
+    }
+    if let Some(next) = gate.release(&item.env.aggregate_id) {
+        in_flight.push(deliver(ctx, next, Duration::ZERO));
     }
 }
 
@@ -430,19 +443,11 @@ async fn drain(
             Ok(delivered) => {
                 acked += 1;
                 acknowledged(ctx.t, ctx.sink.name(), &item, delivered);
-                if let Some(lsn) = progress
-                    .ack(item.txn)
-                    .and_then(|l| checkpoints.confirmable(l))
-                {
-                    confirm_txns(stream, ctx.t, progress, lsn);
-                }
                 // Events already read wait behind this one for their aggregate: send
                 // them too (within the deadline), or the confirmed position would stop
                 // at the first of them and every later acknowledged event would be
                 // sent again after the restart.
-                if let Some(next) = gate.release(&item.env.aggregate_id) {
-                    in_flight.push(deliver(ctx, next, Duration::ZERO));
-                }
+                handled(ctx, progress, checkpoints, gate, in_flight, stream, &item);
             }
             // No retries while shutting down: this aggregate stops here, and the slot
             // resends from the first unconfirmed event after the restart.
