@@ -9,7 +9,7 @@ use std::time::Duration;
 use support::faults::{assert_outbox_delivered_once, kill_while_in_flight, Writer};
 use support::secure::http_port;
 use support::streaming::streaming;
-use support::{metric_sum, scrape, seed, SplitMix64};
+use support::{metric_sum, scrape, seed, wait_for, SplitMix64};
 
 const STREAM: &str = "OUTBOX";
 
@@ -66,5 +66,74 @@ async fn nats_twenty_kills_beyond_the_duplicate_window_store_every_event_once() 
     eprintln!(
         "{} events stored once after {KILLS} kills; the last process skipped {skipped}",
         msgs.len()
+    );
+}
+
+/// Kafka, gracefully: the events and the checkpoint record are committed together,
+/// and a restart reads the checkpoint back and sends nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_transactions_commit_events_with_their_checkpoint() {
+    use support::kafka::{
+        assert_order_per_key, insert, n_of, read_topic_committed, relay_to, Tansu,
+    };
+    const TOPIC: &str = "outbox.event.Order";
+    // Given a relay in Kafka exactly-once mode
+    let kafka = Tansu::start();
+    let (pg, mut relay) = relay_to(&kafka.brokers(), &[("kafka", "exactly_once", "true")]).await;
+    let db = pg.client().await;
+
+    // When rows commit, the relay stops gracefully, restarts, and more rows commit
+    let mut ids = std::collections::HashSet::new();
+    for n in 0..30 {
+        ids.insert(insert(&db, "Order", &format!("o-{}", n % 7), n).await);
+    }
+    wait_for(Duration::from_secs(30), || async {
+        read_topic_committed(&kafka.brokers(), TOPIC).await.len() >= 30
+    })
+    .await;
+    relay.terminate(Duration::from_secs(30));
+    relay.start();
+    pg.wait_streaming("outboxd").await;
+    for n in 30..50 {
+        ids.insert(insert(&db, "Order", &format!("o-{}", n % 7), n).await);
+    }
+
+    // Then a read_committed consumer sees every event once, in order per key
+    let complete = wait_for(Duration::from_secs(30), || async {
+        read_topic_committed(&kafka.brokers(), TOPIC).await.len() >= 50
+    })
+    .await;
+    let records = read_topic_committed(&kafka.brokers(), TOPIC).await;
+    assert!(
+        complete,
+        "{} of 50 records: {}",
+        records.len(),
+        relay.stderr()
+    );
+    let got: Vec<String> = records
+        .iter()
+        .filter_map(|r| r.header("ce_id").map(str::to_string))
+        .collect();
+    assert_eq!(got.len(), 50, "every record once: {got:?}");
+    assert_eq!(
+        got.into_iter().collect::<std::collections::HashSet<_>>(),
+        ids
+    );
+    assert_order_per_key(&records, n_of);
+    // and the checkpoint topic holds this relay's checkpoint, keyed by its
+    // transactional.id
+    let checkpoints = read_topic_committed(&kafka.brokers(), "outboxd.checkpoints").await;
+    assert!(
+        checkpoints
+            .iter()
+            .any(|r| r.key.as_deref() == Some("outboxd.outboxd")),
+        "no checkpoint record: {checkpoints:?}"
+    );
+    assert!(
+        relay
+            .stderr()
+            .contains("exactly-once: resuming after what the broker holds through=Some"),
+        "the restart read no checkpoint back: {}",
+        relay.stderr()
     );
 }

@@ -192,8 +192,14 @@ impl Sink {
             Routes::Kafka { topic, key } => {
                 let replacements = metrics.map(|m| m.producer_replacements.clone());
                 Ok(Sink::Kafka(
-                    kafka::KafkaSink::connect(&cfg.kafka, topic.clone(), key.clone(), replacements)
-                        .await?,
+                    kafka::KafkaSink::connect(
+                        &cfg.kafka,
+                        &cfg.postgres.slot,
+                        topic.clone(),
+                        key.clone(),
+                        replacements,
+                    )
+                    .await?,
                 ))
             }
         }
@@ -266,6 +272,7 @@ impl Sink {
                 "publish",
                 "too_large",
                 "encode",
+                "checkpoint",
                 "fatal",
             ],
             SinkKind::Kafka => &[
@@ -287,6 +294,8 @@ impl Sink {
                 "auth",
                 "tls",
                 "encode",
+                "transaction",
+                "checkpoint",
                 "fatal",
             ],
         }
@@ -351,12 +360,6 @@ pub fn validate(cfg: &Config) -> Result<Routes, ConfigError> {
                 topic: template("kafka.topic", &cfg.kafka.topic)?,
                 key: template("kafka.key", &cfg.kafka.key)?,
             };
-            if cfg.kafka.exactly_once {
-                return Err(ConfigError::invalid(
-                    "kafka.exactly_once",
-                    "is not available in this build yet; use nats.exactly_once, or at-least-once with consumers deduplicating by ce_id",
-                ));
-            }
             kafka::client::check_properties(&cfg.kafka)
                 .map_err(|(key, reason)| ConfigError::Invalid { key, reason })?;
             routes
@@ -393,6 +396,7 @@ mod tests {
             include_str!("nats/mod.rs"),
             include_str!("nats/encode.rs"),
             include_str!("nats/auth.rs"),
+            include_str!("nats/once.rs"),
         ]
         .iter()
         .flat_map(|s| literals(s))
@@ -402,6 +406,7 @@ mod tests {
             include_str!("kafka/classify.rs"),
             include_str!("kafka/client.rs"),
             include_str!("kafka/limits.rs"),
+            include_str!("kafka/once.rs"),
         ]
         .iter()
         .flat_map(|s| literals(s))

@@ -220,6 +220,9 @@ impl ClientContext for Context {
     }
 }
 
+/// The checkpoint reader of exactly-once mode is a plain consumer with the same logs.
+impl rdkafka::consumer::ConsumerContext for Context {}
+
 /// What `outboxd check` learns from the cluster, read-only.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClusterView {

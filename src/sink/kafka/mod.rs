@@ -39,6 +39,7 @@ mod classify;
 pub mod client;
 pub mod encode;
 mod limits;
+mod once;
 
 use std::borrow::Cow;
 use std::sync::{Arc, RwLock};
@@ -76,6 +77,8 @@ pub struct KafkaSink {
     limits: Limits,
     /// `outboxd_producer_replacements_total`, when the caller counts.
     replacements: Option<prometheus::IntCounterVec>,
+    /// Exactly-once mode's transactions (`kafka.exactly_once`).
+    once: Option<once::Once>,
 }
 
 impl KafkaSink {
@@ -85,6 +88,7 @@ impl KafkaSink {
     /// [`crate::sink::validate`].
     pub async fn connect(
         cfg: &KafkaConfig,
+        slot: &str,
         topic: Template,
         key: Template,
         replacements: Option<prometheus::IntCounterVec>,
@@ -92,7 +96,11 @@ impl KafkaSink {
         for warning in client::weakened(&cfg.properties) {
             tracing::warn!(%warning, "kafka.properties weakens a delivery guarantee");
         }
-        let settings = client::producer_config(cfg);
+        let mut settings = client::producer_config(cfg);
+        // Exactly once: a transactional producer whose id is derived from the slot.
+        let once = cfg
+            .exactly_once
+            .then(|| once::Once::new(&mut settings, cfg, slot));
         let producer: Producer = client::create(&settings, cfg)?;
         // Blocking calls, off the async workers: the metadata request, and on failure
         // the producer's drop (librdkafka purges, flushes and joins its threads).
@@ -123,9 +131,19 @@ impl KafkaSink {
             overridden = ?cfg.properties.keys().collect::<Vec<_>>(),
             "kafka producer ready"
         );
+        let producer = match &once {
+            Some(once) => {
+                once.ensure_topic(&settings).await;
+                let producer = once.init(producer).await?;
+                tracing::info!(transactional_id = once.id(), checkpoint_topic = %cfg.checkpoint_topic, "kafka exactly-once: transactional producer ready");
+                producer
+            }
+            None => producer,
+        };
         // Asks for topic configs (max.message.bytes); it sends nothing, so it must not
         // register an idempotent producer id. Without it only the producer's limit holds.
         let mut admin_settings = settings.clone();
+        admin_settings.remove("transactional.id");
         admin_settings.set("enable.idempotence", "false");
         let admin = client::create(&admin_settings, cfg)
             .inspect_err(|e| tracing::warn!(error = %e, "cannot create the kafka admin client; topics' max.message.bytes will not be checked before sending"))
@@ -140,29 +158,53 @@ impl KafkaSink {
             mode: cfg.content_mode,
             limits,
             replacements,
+            once,
         })
     }
 
-    /// True with `kafka.exactly_once`. Not implemented yet: refused at start-up.
+    /// True with `kafka.exactly_once`.
     pub fn exactly_once(&self) -> bool {
-        false
+        self.once.is_some()
     }
 
-    /// Exactly-once: the checkpoint read back. Nothing yet.
+    /// Exactly-once: aborts what the last session left open, then reads the last
+    /// committed checkpoint back (see [`once`]).
     pub async fn resume(&self) -> Result<super::Resume, SinkError> {
-        Ok(super::Resume::default())
+        let Some(once) = &self.once else {
+            return Ok(super::Resume::default());
+        };
+        once.abort(&self.current()).await;
+        Ok(super::Resume {
+            through: once.read().await?,
+            ids: Default::default(),
+        })
     }
 
-    /// Exactly-once: commits the transaction with the checkpoint. Nothing yet.
-    pub async fn checkpoint(&self, _through: Option<super::Checkpoint>) -> Result<(), SinkError> {
-        Ok(())
+    /// Exactly-once: commits the open transaction, with a checkpoint record at
+    /// `through` when given.
+    pub async fn checkpoint(&self, through: Option<super::Checkpoint>) -> Result<(), SinkError> {
+        match &self.once {
+            Some(once) => once.commit(&self.current(), through).await,
+            None => Ok(()),
+        }
     }
 
-    /// Exactly-once: aborts the open transaction. Nothing yet.
-    pub async fn abandon(&self) {}
+    /// Exactly-once: aborts the open transaction.
+    pub async fn abandon(&self) {
+        if let Some(once) = &self.once {
+            once.abort(&self.current()).await;
+        }
+    }
 
     /// Enqueues the record and waits for its delivery report.
     pub async fn publish(&self, env: &Envelope) -> Result<Delivered, SinkError> {
+        if let Some(refused) = self
+            .once
+            .as_ref()
+            .and_then(|once| once.refused_before(cloudevents::AttributesReader::id(&env.event)))
+        {
+            return Err(refused);
+        }
         let topic = if env.dead_letter {
             self.kafka.dead_letter_topic.clone()
         } else {
@@ -212,6 +254,9 @@ impl KafkaSink {
             headers: Some(headers),
         };
         let producer = self.current();
+        if let Some(once) = &self.once {
+            once.begin(&producer)?;
+        }
         let err = match producer.send_result(record) {
             Ok(report) => match report.await {
                 Ok(Ok(_delivery)) => {
@@ -225,7 +270,62 @@ impl KafkaSink {
             },
             Err((e, _record)) => e,
         };
-        Err(self.sort(&producer, err, &topic, size.value))
+        match &self.once {
+            Some(once) => {
+                Err(self.sort_transactional(once, env, &producer, err, &topic, size.value))
+            }
+            None => Err(self.sort(&producer, err, &topic, size.value)),
+        }
+    }
+
+    /// Exactly-once: a failed produce or delivery inside a transaction. A full queue is
+    /// retried in place (nothing was produced); a fencing error means another instance
+    /// took over (step down); a permanent rejection is remembered for the next session;
+    /// anything else loses the transaction.
+    fn sort_transactional(
+        &self,
+        once: &once::Once,
+        env: &Envelope,
+        producer: &Arc<OffThread<Producer>>,
+        err: KafkaError,
+        topic: &str,
+        size: usize,
+    ) -> SinkError {
+        match classify(&err) {
+            Class::Retry(reason @ "queue_full") => SinkError::Retryable {
+                sink: SINK,
+                reason,
+                detail: format!("topic {topic}: {err}"),
+            },
+            Class::Fatal(_) => self.sort(producer, err, topic, size),
+            Class::ResetProducer(_) => SinkError::Fatal {
+                sink: SINK,
+                detail: format!(
+                    "topic {topic}: {err}: the broker refuses transactional.id {}: another outboxd                      took it over (the slot's standby), so this instance steps down",
+                    once.id()
+                ),
+            },
+            Class::Reject(reason) => {
+                let rejected = self.sort(producer, err, topic, size);
+                once.refused(
+                    cloudevents::AttributesReader::id(&env.event),
+                    reason,
+                    &rejected.to_string(),
+                );
+                SinkError::Aborted {
+                    sink: SINK,
+                    reason: "transaction",
+                    detail: format!(
+                        "{rejected}; the next session hands the event to sink.on_rejected"
+                    ),
+                }
+            }
+            Class::Retry(_) => SinkError::Aborted {
+                sink: SINK,
+                reason: "transaction",
+                detail: format!("topic {topic}: {err}"),
+            },
+        }
     }
 
     fn current(&self) -> Arc<OffThread<Producer>> {
