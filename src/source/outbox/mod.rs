@@ -117,8 +117,9 @@ fn schema_advice(role: &str) -> String {
         )
     } else if role == EXTRA_ROLE {
         format!(
-            "{in_wal}. The column is read only because the configuration asks for it \
-             (kafka.additional_headers): stop asking for it and restart, or add the column"
+            "{in_wal}. The column is read only because kafka.additional_headers names it: \
+             remove it there and restart (those events go out without its header), and name \
+             it again once the table has the column and the relay has passed them"
         )
     } else {
         format!(
