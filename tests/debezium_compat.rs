@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use support::faults::final_error;
 use support::kafka::{insert, kafka_config, n_of, read_topic, wait_records, Record, Tansu};
+use support::secure::outboxd;
 use support::{wait_for, Postgres, Relay};
 
 const TOPIC: &str = "outbox.event.Order";
@@ -192,8 +193,8 @@ async fn additional_columns_are_headers_and_a_missing_column_stops_the_relay() {
         .await
     );
 
-    // Given a relay asking for a column the table lacks
-    let mut relay = Relay::spawn(&kafka_config(
+    // Given a configuration asking for a column the table lacks
+    let missing = kafka_config(
         &pg,
         &kafka.brokers(),
         &[(
@@ -201,9 +202,20 @@ async fn additional_columns_are_headers_and_a_missing_column_stops_the_relay() {
             "additional_headers",
             "{ region = \"region_code\" }",
         )],
-    ));
+    );
+    // Then `outboxd check` names it
+    let check = outboxd(Some(&missing), &["check"], &[]);
+    assert_ne!(check.code, Some(0), "{}", check.all());
+    assert!(
+        check
+            .stdout
+            .contains("lacks region_code (kafka.additional_headers)"),
+        "{}",
+        check.all()
+    );
+    // and a relay with it stops at the first row, naming the column and the key
+    let mut relay = Relay::spawn(&missing);
     pg.wait_streaming("outboxd").await;
-    // When a row commits, then the relay stops naming the column and the key
     insert(&db, "Order", "o-1", 3).await;
     let error = final_error(&mut relay, "with a missing additional column").await;
     assert!(
