@@ -11,7 +11,7 @@ use std::time::Duration;
 use support::faults::final_error;
 use support::kafka::{insert, kafka_config, n_of, read_topic, wait_records, Record, Tansu};
 use support::secure::outboxd;
-use support::{wait_for, Postgres, Relay};
+use support::{Postgres, Relay};
 
 const TOPIC: &str = "outbox.event.Order";
 const DLQ: &str = "outbox.deadletter";
@@ -29,17 +29,23 @@ async fn debezium_outbox(pg: &Postgres) -> tokio_postgres::Client {
     db
 }
 
-/// Inserts an `OrderDeleted` row of `aggregate_id` with a NULL payload; its id.
-async fn insert_null_payload(db: &tokio_postgres::Client, aggregate_id: &str) -> String {
-    db.query_one(
-        "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload) \
-         VALUES ('Order', $1, 'OrderDeleted', NULL) RETURNING id::text",
-        &[&aggregate_id],
-    )
-    .await
-    .expect("insert null payload")
-    .get(0)
+/// Inserts an `Order` row of `o-1` with `payload` (JSON text, or NULL) and `tenant_id`;
+/// its id.
+async fn insert_row(
+    db: &tokio_postgres::Client,
+    event_type: &str,
+    payload: Option<&str>,
+    tenant: Option<&str>,
+) -> String {
+    let row = db
+        .query_one(INSERT_ROW, &[&event_type, &payload, &tenant])
+        .await;
+    row.expect("insert").get(0)
 }
+
+const INSERT_ROW: &str = "INSERT INTO outbox \
+     (aggregate_type, aggregate_id, event_type, payload, tenant_id) \
+     VALUES ('Order', 'o-1', $1, $2::text::jsonb, $3) RETURNING id::text";
 
 fn id_of(r: &Record) -> &str {
     r.header("ce_id").expect("ce_id")
@@ -68,7 +74,7 @@ async fn a_null_payload_is_a_tombstone_in_commit_order_in_both_content_modes() {
 
         // When a row with a NULL payload commits between two rows of its aggregate
         let before = insert(&db, "Order", "o-1", 1).await;
-        let deleted = insert_null_payload(&db, "o-1").await;
+        let deleted = insert_row(&db, "OrderDeleted", None, None).await;
         let after = insert(&db, "Order", "o-1", 3).await;
 
         // Then it is a record with the row's key and no value, between its neighbours
@@ -95,12 +101,7 @@ async fn a_null_payload_is_a_tombstone_in_commit_order_in_both_content_modes() {
             }
         }
         drop(relay);
-        assert!(
-            wait_for(Duration::from_secs(30), || async {
-                pg.slot_active_pid("outboxd").await.is_none()
-            })
-            .await
-        );
+        pg.wait_slot_released("outboxd").await;
     }
 }
 
@@ -126,7 +127,7 @@ async fn without_the_option_a_null_payload_is_still_an_invalid_row() {
 
     // When a row with a NULL payload commits between two others
     let before = insert(&db, "Order", "o-1", 1).await;
-    let deleted = insert_null_payload(&db, "o-1").await;
+    let deleted = insert_row(&db, "OrderDeleted", None, None).await;
     let after = insert(&db, "Order", "o-1", 3).await;
 
     // Then the neighbours arrive and the row is a dead letter saying why
@@ -161,15 +162,7 @@ async fn additional_columns_are_headers_and_a_missing_column_stops_the_relay() {
     pg.wait_streaming("outboxd").await;
 
     // When one row has a tenant and the next has none
-    let with: String = db
-        .query_one(
-            "INSERT INTO outbox (aggregate_type, aggregate_id, event_type, payload, tenant_id) \
-             VALUES ('Order', 'o-1', 'Updated', '{\"n\": 1}', 't-7') RETURNING id::text",
-            &[],
-        )
-        .await
-        .expect("insert with tenant")
-        .get(0);
+    let with = insert_row(&db, "Updated", Some(r#"{"n": 1}"#), Some("t-7")).await;
     let without = insert(&db, "Order", "o-1", 2).await;
 
     // Then the first record has the header with the column's text, the second none
@@ -186,12 +179,7 @@ async fn additional_columns_are_headers_and_a_missing_column_stops_the_relay() {
         "a NULL column: no header"
     );
     drop(relay);
-    assert!(
-        wait_for(Duration::from_secs(30), || async {
-            pg.slot_active_pid("outboxd").await.is_none()
-        })
-        .await
-    );
+    pg.wait_slot_released("outboxd").await;
 
     // Given a configuration asking for a column the table lacks
     let missing = kafka_config(
