@@ -10,6 +10,7 @@ mod broker_hang;
 mod broker_states;
 mod cli;
 mod dead_letter;
+mod debezium_compat;
 mod exactly_once;
 mod failures_connections;
 mod failures_crash;

@@ -34,7 +34,7 @@ pub use cloudevents::CloudEventsConfig;
 pub use env::{unused_env_vars, UnusedEnvVar};
 use file::{describe, TomlFile};
 pub use http::{HttpConfig, ReadinessMode, DEFAULT_HTTP_LISTEN};
-pub use kafka::{KafkaConfig, DEFAULT_KAFKA_MESSAGE_TIMEOUT_MS, DEFAULT_KAFKA_TOPIC};
+pub use kafka::{KafkaConfig, RowExtras, DEFAULT_KAFKA_MESSAGE_TIMEOUT_MS, DEFAULT_KAFKA_TOPIC};
 pub use log::{LogConfig, LogFormat};
 pub use nats::{NatsConfig, StreamStorage, DEFAULT_NATS_SUBJECT};
 pub use postgres::{

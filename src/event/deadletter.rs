@@ -201,6 +201,7 @@ fn build(
         aggregate_id: aggregate_id.unwrap_or(id).to_string(),
         event_type: DEAD_LETTER_TYPE.to_string(),
         dead_letter: true,
+        extra: Vec::new(),
     }
 }
 
@@ -281,6 +282,7 @@ mod tests {
             aggregate_id: huge.clone(),
             event_type: huge.clone(),
             dead_letter: false,
+            extra: Vec::new(),
         };
         // When it is rejected as too large
         let dl = for_rejected(&env, "too_large", &huge, &CloudEventsConfig::default());
@@ -336,6 +338,7 @@ mod tests {
             aggregate_id: "o-1".into(),
             event_type: "T".into(),
             dead_letter: false,
+            extra: Vec::new(),
         };
         let dl = for_rejected(
             &env,

@@ -2,6 +2,8 @@
 //! needs), built from a row or found to be a poison row, and [`Structured`], the
 //! CloudEvents JSON event format of an event. Pure: no I/O.
 
+use std::sync::Arc;
+
 use chrono::Utc;
 use cloudevents::event::Data;
 use cloudevents::{AttributesReader, Event};
@@ -27,6 +29,9 @@ pub struct Envelope {
     pub event_type: String,
     /// Goes to the dead-letter destination instead of the templated one.
     pub dead_letter: bool,
+    /// The row's extra columns (`kafka.additional_headers`), by column name; a NULL is
+    /// left out. Empty for a dead letter.
+    pub extra: Vec<(Arc<str>, String)>,
 }
 
 impl Envelope {
@@ -38,6 +43,7 @@ impl Envelope {
             aggregate_id: row.aggregate_id,
             event_type: row.event_type,
             dead_letter: false,
+            extra: row.extra,
         }
     }
 

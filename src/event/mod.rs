@@ -7,7 +7,9 @@
 //! - `subject` = aggregate id; `time` = `created_at`, else the commit time;
 //! - `datacontenttype` = the row's content type column, else the configured default;
 //!   a JSON content type requires a payload that parses as JSON (else: poison row);
-//!   the data is the payload's bytes as written, also for JSON;
+//!   the data is the payload's bytes as written, also for JSON; a NULL payload (which
+//!   the source lets through only for `kafka.tombstone_on_empty_payload`) gives an event
+//!   without data and without `datacontenttype`;
 //! - extensions: `correlationid` (row value, else the event's own id: a new flow),
 //!   `causationid` (row value, else the event's own id), `partitionkey` = aggregate id,
 //!   `sequence` = commit LSN and position in the transaction as fixed-width hex, so it
@@ -108,32 +110,6 @@ pub fn to_cloudevent(
     pos: &Position,
     cfg: &CloudEventsConfig,
 ) -> Result<Event, EventError> {
-    let content_type = row
-        .content_type
-        .as_deref()
-        .unwrap_or(&cfg.default_content_type);
-    let data: Data = if is_json(content_type) {
-        // Checked, not parsed into a tree: the event carries the row's bytes as they
-        // are (binary mode sends them unchanged; structured mode embeds them, see
-        // `sink::Structured`), which spares a parse and a re-serialisation per event.
-        // A json or jsonb column (or a table-less envelope's payload) was checked before
-        // it got here: by Postgres on insert, by serde when the envelope was read.
-        let valid = row.payload_kind == PayloadKind::Json
-            || std::str::from_utf8(&row.payload)
-                .is_ok_and(|text| serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok());
-        if !valid {
-            return Err(EventError::PayloadNotJson {
-                id: row.id.clone(),
-                content_type: content_type.to_string(),
-            });
-        }
-        Data::Binary(row.payload.to_vec())
-    } else {
-        match (row.payload_kind, std::str::from_utf8(&row.payload)) {
-            (PayloadKind::Bytes, _) | (_, Err(_)) => Data::Binary(row.payload.to_vec()),
-            (_, Ok(s)) => Data::String(s.to_string()),
-        }
-    };
     let ty = if cfg.type_prefix.is_empty() {
         row.event_type.clone()
     } else {
@@ -154,8 +130,13 @@ pub fn to_cloudevent(
             row.causation_id.as_deref().unwrap_or(&row.id),
         )
         .extension("partitionkey", row.aggregate_id.as_str())
-        .extension("sequence", pos.sequence())
-        .data(content_type.to_string(), data);
+        .extension("sequence", pos.sequence());
+    // A NULL payload (let through only where configured) is an event without data:
+    // the Kafka binding's tombstone.
+    if let Some(payload) = &row.payload {
+        let (content_type, data) = data_of(row, payload, cfg)?;
+        b = b.data(content_type, data);
+    }
     if let Some(h) = &row.headers {
         for (name, value) in header_extensions(&row.id, h)? {
             b = b.extension(&name, value);
@@ -165,6 +146,41 @@ pub fn to_cloudevent(
         id: row.id.clone(),
         reason: e.to_string(),
     })
+}
+
+/// The content type and data of `row`'s event, whose payload is `payload`.
+fn data_of(
+    row: &OutboxRow,
+    payload: &[u8],
+    cfg: &CloudEventsConfig,
+) -> Result<(String, Data), EventError> {
+    let content_type = row
+        .content_type
+        .as_deref()
+        .unwrap_or(&cfg.default_content_type);
+    let data: Data = if is_json(content_type) {
+        // Checked, not parsed into a tree: the event carries the row's bytes as they
+        // are (binary mode sends them unchanged; structured mode embeds them, see
+        // `sink::Structured`), which spares a parse and a re-serialisation per event.
+        // A json or jsonb column (or a table-less envelope's payload) was checked before
+        // it got here: by Postgres on insert, by serde when the envelope was read.
+        let valid = row.payload_kind == PayloadKind::Json
+            || std::str::from_utf8(payload)
+                .is_ok_and(|text| serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok());
+        if !valid {
+            return Err(EventError::PayloadNotJson {
+                id: row.id.clone(),
+                content_type: content_type.to_string(),
+            });
+        }
+        Data::Binary(payload.to_vec())
+    } else {
+        match (row.payload_kind, std::str::from_utf8(payload)) {
+            (PayloadKind::Bytes, _) | (_, Err(_)) => Data::Binary(payload.to_vec()),
+            (_, Ok(s)) => Data::String(s.to_string()),
+        }
+    };
+    Ok((content_type.to_string(), data))
 }
 
 /// The usable members of the `headers` object.
@@ -216,13 +232,14 @@ mod tests {
             aggregate_type: "Order".into(),
             aggregate_id: "o-42".into(),
             event_type: "OrderCreated".into(),
-            payload: Bytes::from_static(br#"{"total": 12.5}"#),
+            payload: Some(Bytes::from_static(br#"{"total": 12.5}"#)),
             payload_kind: PayloadKind::Json,
             correlation_id: None,
             causation_id: None,
             headers: None,
             created_at: None,
             content_type: None,
+            extra: Vec::new(),
         }
     }
 
@@ -347,7 +364,7 @@ mod tests {
         // A text (or bytea) payload under a JSON content type is checked; a json or
         // jsonb column's text is JSON by Postgres's own check.
         let r = OutboxRow {
-            payload: Bytes::from_static(b"{not json"),
+            payload: Some(Bytes::from_static(b"{not json")),
             payload_kind: PayloadKind::Text,
             ..row()
         };
@@ -369,7 +386,7 @@ mod tests {
     #[test]
     fn non_json_content_types_carry_text_or_bytes() {
         let r = OutboxRow {
-            payload: Bytes::from_static(b"plain"),
+            payload: Some(Bytes::from_static(b"plain")),
             payload_kind: PayloadKind::Text,
             content_type: Some("text/plain".into()),
             ..row()
@@ -377,7 +394,7 @@ mod tests {
         let e = to_cloudevent(&r, &pos(), &cfg()).expect("valid");
         assert_eq!(e.data(), Some(&Data::String("plain".into())));
         let r = OutboxRow {
-            payload: Bytes::from_static(&[0, 159]),
+            payload: Some(Bytes::from_static(&[0, 159])),
             payload_kind: PayloadKind::Bytes,
             content_type: Some("application/octet-stream".into()),
             ..row()

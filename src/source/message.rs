@@ -102,7 +102,7 @@ pub fn decode(content: &[u8]) -> Result<OutboxRow, PoisonRow> {
         aggregate_type,
         aggregate_id,
         event_type,
-        payload,
+        payload: Some(payload),
         payload_kind,
         correlation_id: env.correlation_id.filter(|s| !s.is_empty()),
         causation_id: env.causation_id.filter(|s| !s.is_empty()),
@@ -111,6 +111,7 @@ pub fn decode(content: &[u8]) -> Result<OutboxRow, PoisonRow> {
             .map(|h| Bytes::copy_from_slice(h.get().as_bytes())),
         created_at,
         content_type: env.content_type,
+        extra: Vec::new(),
     })
 }
 
@@ -127,7 +128,10 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(row.id, "e-1");
-        assert_eq!(&row.payload[..], br#"{"total":3}"#);
+        assert_eq!(
+            row.payload.as_deref().expect("a payload"),
+            br#"{"total":3}"#
+        );
         assert_eq!(row.correlation_id.as_deref(), Some("c"));
         assert_eq!(row.causation_id, None);
         assert_eq!(
@@ -147,7 +151,7 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(row.id, "7");
-        assert_eq!(&row.payload[..], b"hi");
+        assert_eq!(row.payload.as_deref().expect("a payload"), b"hi");
         assert_eq!(row.payload_kind, PayloadKind::Text);
     }
 

@@ -42,7 +42,7 @@ use pgwire_replication::{
     TlsConfig,
 };
 
-use crate::config::{split_table, ColumnMapping, Config};
+use crate::config::{split_table, ColumnMapping, Config, RowExtras};
 use outbox::{Layout, OutboxError, OutboxRow, PoisonRow};
 use pgoutput::Message;
 
@@ -205,6 +205,7 @@ pub struct Stream {
     client: ReplicationClient,
     layouts: HashMap<u32, Layout>,
     columns: ColumnMapping,
+    extras: RowExtras,
     table: (String, String),
     message_prefix: String,
 }
@@ -242,6 +243,7 @@ impl Stream {
             client,
             layouts: HashMap::new(),
             columns: cfg.postgres.columns.clone(),
+            extras: cfg.row_extras(),
             table: (schema.to_string(), name.to_string()),
             message_prefix: cfg.postgres.message_prefix.clone(),
         })
@@ -286,7 +288,7 @@ impl Stream {
                         // A Relation arrives before the first row after every schema
                         // change: re-bind, so ADD COLUMN just works and a dropped or
                         // retyped mapped column stops the relay with its name.
-                        let layout = Layout::bind(&rel, &self.columns)?;
+                        let layout = Layout::bind(&rel, &self.columns, &self.extras)?;
                         tracing::info!(
                             relation = rel.id,
                             columns = rel.columns.len(),

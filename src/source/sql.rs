@@ -23,7 +23,12 @@ pub fn create_table_sql(cfg: &Config) -> String {
         format!("  {} text NOT NULL", c.aggregate_type),
         format!("  {} text NOT NULL", c.aggregate_id),
         format!("  {} text NOT NULL", c.event_type),
-        format!("  {} jsonb NOT NULL", c.payload),
+        // A NULL payload is a tombstone where the configuration asks for them.
+        if cfg.row_extras().null_payload {
+            format!("  {} jsonb", c.payload)
+        } else {
+            format!("  {} jsonb NOT NULL", c.payload)
+        },
     ];
     for (name, ty) in [
         (&c.correlation_id, "text"),
@@ -199,5 +204,18 @@ mod tests {
         let sql = grant_emit_message_sql("\"relay role\"");
         assert!(sql.contains("(boolean, text, text, boolean) TO \"relay role\";"));
         assert!(sql.contains("(boolean, text, text) TO \"relay role\";"));
+    }
+
+    #[test]
+    fn the_payload_may_be_null_only_where_it_is_a_tombstone() {
+        let mut cfg = Config::default();
+        assert!(create_table_sql(&cfg).contains("  payload jsonb NOT NULL"));
+        cfg.sink.kind = crate::config::SinkKind::Kafka;
+        cfg.kafka.tombstone_on_empty_payload = true;
+        let sql = create_table_sql(&cfg);
+        assert!(
+            sql.contains("  payload jsonb,") && !sql.contains("payload jsonb NOT NULL"),
+            "{sql}"
+        );
     }
 }

@@ -76,7 +76,7 @@ pub(crate) async fn plan(
 ) -> Result<TableRead, PlanError> {
     let (schema, table) = split_table(&cfg.postgres.table);
     let relation = control.relation(schema, table).await?;
-    let layout = Layout::bind(&relation, &cfg.postgres.columns)?;
+    let layout = Layout::bind(&relation, &cfg.postgres.columns, &cfg.row_extras())?;
     let c = &cfg.postgres.columns;
     let present = |name: &str| {
         relation

@@ -275,6 +275,14 @@ impl Postgres {
             .and_then(|r| r.get::<_, Option<i32>>(0))
     }
 
+    /// Waits (30 s) until no process holds `slot`: a dropped relay has let go of it.
+    pub async fn wait_slot_released(&self, slot: &str) {
+        let released = wait_for(Duration::from_secs(30), || async {
+            self.slot_active_pid(slot).await.is_none()
+        });
+        assert!(released.await, "slot {slot} is still held");
+    }
+
     /// Waits until a relay streams from `slot` (rows committed before the slot existed
     /// are not in it: a test must not write before this).
     /// Waits until a walsender streams from `slot` (not merely a backend holding it,

@@ -165,7 +165,7 @@ pub async fn checks(cfg: &Config, routes: &Routes, aggregate_types: &[String]) -
         Ok(Some(cols)) => {
             let names: Vec<&str> = cols.iter().map(|(n, _)| n.as_str()).collect();
             let c = &p.columns;
-            let missing: Vec<String> = [
+            let mut missing: Vec<String> = [
                 ("id", &c.id),
                 ("aggregate_type", &c.aggregate_type),
                 ("aggregate_id", &c.aggregate_id),
@@ -176,6 +176,13 @@ pub async fn checks(cfg: &Config, routes: &Routes, aggregate_types: &[String]) -
             .filter(|(_, col)| !names.contains(&col.as_str()))
             .map(|(role, col)| format!("{col} (postgres.columns.{role})"))
             .collect();
+            missing.extend(
+                cfg.row_extras()
+                    .columns
+                    .into_iter()
+                    .filter(|col| !names.contains(&col.as_str()))
+                    .map(|col| format!("{col} (kafka.additional_headers)")),
+            );
             if missing.is_empty() {
                 out.push(check("outbox table", true, format!("{} has the mapped columns", p.table)));
             } else {

@@ -8,13 +8,21 @@
 //! without value (a tombstone on a compacted topic, as the binding says).
 //!
 //! Structured content mode: the value is the JSON event format, and the only header is
-//! `content-type: application/cloudevents+json`.
+//! `content-type: application/cloudevents+json`. An event without data (a row whose
+//! NULL payload `kafka.tombstone_on_empty_payload` lets through) is encoded as in binary
+//! mode in either mode: a tombstone has no value to hold a JSON event, and its `ce_*`
+//! headers still say which event it is.
+//!
+//! [`Encoded::add_columns`] adds the row's extra columns as headers
+//! (`kafka.additional_headers`).
 //!
 //! Header values are the attributes' canonical strings as UTF-8 bytes. Unlike HTTP
 //! (and NATS), Kafka headers are length-prefixed byte strings, so nothing needs
 //! percent-encoding: a CR/LF in a row value cannot break the record.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use cloudevents::event::Data;
 use cloudevents::Event;
@@ -33,6 +41,24 @@ pub struct Encoded {
     pub value: Option<Vec<u8>>,
 }
 
+impl Encoded {
+    /// Adds a header for each `header = column` of `placed` whose column has a value in
+    /// `columns` (a row's extra columns, by name; a NULL column is absent, and so is its
+    /// header).
+    pub fn add_columns(
+        &mut self,
+        placed: &BTreeMap<String, String>,
+        columns: &[(Arc<str>, String)],
+    ) {
+        for (header, column) in placed {
+            if let Some((_, value)) = columns.iter().find(|(name, _)| **name == **column) {
+                self.headers
+                    .push((Cow::Owned(header.clone()), value.clone()));
+            }
+        }
+    }
+}
+
 /// Why an event cannot be encoded: the event itself is at fault, so no retry helps.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot encode the event as JSON: {0}")]
@@ -41,14 +67,15 @@ pub struct EncodeError(#[from] serde_json::Error);
 /// Encodes `event` in `mode`.
 pub fn encode(event: &Event, mode: ContentMode) -> Result<Encoded, EncodeError> {
     match mode {
-        ContentMode::Structured => Ok(Encoded {
+        ContentMode::Structured if event.data().is_some() => Ok(Encoded {
             headers: vec![(
                 Cow::Borrowed("content-type"),
                 STRUCTURED_CONTENT_TYPE.into(),
             )],
             value: Some(crate::event::structured_json(event)?),
         }),
-        ContentMode::Binary => {
+        // Binary mode, and an event without data (a tombstone) in either mode.
+        ContentMode::Binary | ContentMode::Structured => {
             let mut headers = Vec::with_capacity(12);
             for (name, value) in event.iter_attributes() {
                 let header = if name == "datacontenttype" {
@@ -162,5 +189,47 @@ mod tests {
         let back: Event =
             serde_json::from_slice(e.value.as_deref().expect("value")).expect("json format");
         assert_eq!(back, event());
+    }
+
+    #[test]
+    fn an_event_without_data_is_a_tombstone_in_both_modes() {
+        // Given an event without data (a row whose NULL payload became a tombstone)
+        let ev = EventBuilderV10::new()
+            .id("e-3")
+            .source("/s")
+            .ty("OrderDeleted")
+            .subject("o-1")
+            .build()
+            .expect("valid");
+        for mode in [ContentMode::Binary, ContentMode::Structured] {
+            // When it is encoded
+            let e = encode(&ev, mode).expect("encodes");
+            // Then the record has no value, never a JSON event, and ce_ headers saying
+            // which event it is, without a content-type
+            assert_eq!(e.value, None, "{mode:?}");
+            assert_eq!(header(&e, "ce_id"), Some("e-3"), "{mode:?}");
+            assert_eq!(header(&e, "ce_type"), Some("OrderDeleted"), "{mode:?}");
+            assert_eq!(header(&e, "content-type"), None, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn placed_columns_become_headers_and_a_null_one_is_absent() {
+        // Given two placed columns, of which the row has only one (the other is NULL)
+        let placed = BTreeMap::from([
+            ("tenant".to_string(), "tenant_id".to_string()),
+            ("region".to_string(), "region".to_string()),
+            ("tenant-copy".to_string(), "tenant_id".to_string()),
+        ]);
+        let columns = [(Arc::from("tenant_id"), "t-7".to_string())];
+        // When they are added
+        let mut e = encode(&event(), ContentMode::Binary).expect("encodes");
+        let before = e.headers.len();
+        e.add_columns(&placed, &columns);
+        // Then each header of a present column carries its text, and NULL's is absent
+        assert_eq!(header(&e, "tenant"), Some("t-7"));
+        assert_eq!(header(&e, "tenant-copy"), Some("t-7"));
+        assert_eq!(header(&e, "region"), None);
+        assert_eq!(e.headers.len(), before + 2);
     }
 }

@@ -227,6 +227,9 @@ impl KafkaSink {
                 .headers
                 .push((Cow::Borrowed("eventType"), env.event_type.clone()));
         }
+        if !env.dead_letter {
+            encoded.add_columns(&self.kafka.additional_headers, &env.extra);
+        }
         let size = RecordSize::of(
             key.as_bytes(),
             encoded.value.as_deref(),

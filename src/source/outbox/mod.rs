@@ -2,7 +2,9 @@
 //!
 //! [`Layout`] binds the configured column names to positions in a pgoutput Relation
 //! (and checks their types); [`Layout::row`] turns one Insert's values into an
-//! [`OutboxRow`]. A Relation that lacks a required column or retypes one is a
+//! [`OutboxRow`]. Besides the mapped columns a layout may carry extra columns (their
+//! text values travel with the row) and may accept a NULL payload (a row without
+//! data), as the configuration's [`RowExtras`] asks. A Relation that lacks a required column or retypes one is a
 //! [`OutboxError::Schema`] (stop: the operator changed the table); a row with a
 //! missing or malformed value is an [`OutboxError::Invalid`] (a poison row, handled by
 //! the configured policy). This module never decides what to do with either.
@@ -12,11 +14,13 @@ mod value;
 use value::decode_bytea;
 pub use value::{parse_rfc3339, parse_timestamp};
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
 use super::pgoutput::{Relation, Value};
-use crate::config::ColumnMapping;
+use crate::config::{ColumnMapping, RowExtras};
 
 /// Postgres type OIDs the outbox understands.
 mod oid {
@@ -111,6 +115,12 @@ fn schema_advice(role: &str) -> String {
              --allow-new-slot`: the new slot starts after those WAL records and the rows \
              committed since the last confirmed position are republished from the table"
         )
+    } else if role == EXTRA_ROLE {
+        format!(
+            "{in_wal}. The column is read only because kafka.additional_headers names it: \
+             remove it there and restart (those events go out without its header), and name \
+             it again once the table has the column and the relay has passed them"
+        )
     } else {
         format!(
             "{in_wal}. The column is optional: stop mapping it ([postgres.columns] {role} = \"\") \
@@ -129,6 +139,9 @@ impl OutboxError {
         }
     }
 }
+
+/// The role an extra column ([`RowExtras::columns`]) has in a schema error.
+const EXTRA_ROLE: &str = "additional column";
 
 /// How the payload column is typed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +172,10 @@ pub struct Layout {
     headers: Option<usize>,
     created_at: Option<usize>,
     content_type: Option<usize>,
+    /// Extra columns: name and position.
+    extra: Vec<(Arc<str>, usize)>,
+    /// A NULL payload is a row without data rather than an invalid row.
+    null_payload: bool,
 }
 
 /// One outbox row, typed.
@@ -172,8 +189,9 @@ pub struct OutboxRow {
     pub aggregate_id: String,
     /// Event type, without prefix.
     pub event_type: String,
-    /// Payload bytes as stored.
-    pub payload: Bytes,
+    /// Payload bytes as stored; `None` for a NULL payload, which only a layout that
+    /// accepts one ([`RowExtras::null_payload`]) lets through.
+    pub payload: Option<Bytes>,
     /// Payload column type.
     pub payload_kind: PayloadKind,
     /// Correlation id, if set.
@@ -186,11 +204,18 @@ pub struct OutboxRow {
     pub created_at: Option<DateTime<Utc>>,
     /// Per-row content type, if set.
     pub content_type: Option<String>,
+    /// The extra columns' text values, by column name; a NULL is left out.
+    pub extra: Vec<(Arc<str>, String)>,
 }
 
 impl Layout {
-    /// Binds `map` to `rel`'s columns, checking the types.
-    pub fn bind(rel: &Relation, map: &ColumnMapping) -> Result<Self, OutboxError> {
+    /// Binds `map` and `extras` to `rel`'s columns, checking the types (an extra column
+    /// may have any type: its text is used).
+    pub fn bind(
+        rel: &Relation,
+        map: &ColumnMapping,
+        extras: &RowExtras,
+    ) -> Result<Self, OutboxError> {
         let table = format!("{}.{}", rel.namespace, rel.name);
         let find = |role: &'static str, name: &str, types: &[u32], required: bool| {
             if name.is_empty() {
@@ -222,6 +247,21 @@ impl Layout {
             oid::BYTEA => PayloadKind::Bytes,
             _ => PayloadKind::Text,
         };
+        let extra = extras
+            .columns
+            .iter()
+            .map(
+                |name| match rel.columns.iter().position(|c| &c.name == name) {
+                    Some(i) => Ok((Arc::from(name.as_str()), i)),
+                    None => Err(OutboxError::Schema {
+                        table: table.clone(),
+                        column: name.clone(),
+                        role: EXTRA_ROLE,
+                        problem: "does not exist".into(),
+                    }),
+                },
+            )
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             relation: rel.id,
             names: rel.columns.iter().map(|c| c.name.clone()).collect(),
@@ -236,6 +276,8 @@ impl Layout {
             headers: find("headers", &map.headers, JSON_TYPES, false)?,
             created_at: find("created_at", &map.created_at, TIME_TYPES, false)?,
             content_type: find("content_type", &map.content_type, TEXTUAL, false)?,
+            extra,
+            null_payload: extras.null_payload,
         })
     }
 
@@ -259,11 +301,12 @@ impl Layout {
         let aggregate_id = required(self.aggregate_id, "aggregate_id")?;
         let event_type = required(self.event_type, "event_type")?;
         let payload = match (raw(values, self.payload), self.payload_kind) {
+            (None, _) if self.null_payload => None,
             (None, _) => return Err(invalid(&id, "payload is null")),
             (Some(b), PayloadKind::Bytes) => {
-                decode_bytea(b).ok_or_else(|| invalid(&id, "payload is not bytea hex text"))?
+                Some(decode_bytea(b).ok_or_else(|| invalid(&id, "payload is not bytea hex text"))?)
             }
-            (Some(b), _) => b.clone(),
+            (Some(b), _) => Some(b.clone()),
         };
         let created_at = match self.created_at.and_then(|i| text(values, i)) {
             Some(Ok(s)) => {
@@ -282,6 +325,14 @@ impl Layout {
             headers: self.headers.and_then(|i| raw(values, i).cloned()),
             created_at,
             content_type: optional(self.content_type),
+            // The server sends text in the session's UTF8 encoding; lossy only guards.
+            extra: self
+                .extra
+                .iter()
+                .filter_map(|(name, i)| {
+                    raw(values, *i).map(|b| (name.clone(), String::from_utf8_lossy(b).into_owned()))
+                })
+                .collect(),
             id,
         })
     }
@@ -332,7 +383,7 @@ impl OutboxRow {
             "aggregate_type": self.aggregate_type,
             "aggregate_id": self.aggregate_id,
             "event_type": self.event_type,
-            "payload": cut(&self.payload),
+            "payload": self.payload.as_ref().map(cut),
             "correlation_id": self.correlation_id,
             "causation_id": self.causation_id,
             "headers": self.headers.as_ref().map(cut),
@@ -401,7 +452,12 @@ mod tests {
 
     #[test]
     fn full_row() {
-        let l = Layout::bind(&default_rel(), &ColumnMapping::default()).expect("binds");
+        let l = Layout::bind(
+            &default_rel(),
+            &ColumnMapping::default(),
+            &RowExtras::default(),
+        )
+        .expect("binds");
         let r = l
             .row(&[
                 t("6d0c5d5e-0000-4000-8000-000000000001"),
@@ -440,7 +496,8 @@ mod tests {
             event_type: "type".into(),
             ..ColumnMapping::default()
         };
-        let l = Layout::bind(&r, &map).expect("optional columns may be absent");
+        let l =
+            Layout::bind(&r, &map, &RowExtras::default()).expect("optional columns may be absent");
         let row = l
             .row(&[t("1"), t("Order"), t("o"), t("Created"), t("{}")])
             .expect("valid");
@@ -452,7 +509,8 @@ mod tests {
     fn missing_or_retyped_required_column_is_a_schema_error() {
         let mut r = default_rel();
         r.columns.remove(4);
-        let e = Layout::bind(&r, &ColumnMapping::default()).expect_err("no payload");
+        let e = Layout::bind(&r, &ColumnMapping::default(), &RowExtras::default())
+            .expect_err("no payload");
         assert!(
             e.to_string()
                 .contains("\"payload\" (payload) does not exist"),
@@ -460,7 +518,8 @@ mod tests {
         );
         let mut r = default_rel();
         r.columns[3].type_oid = oid::INT4;
-        let e = Layout::bind(&r, &ColumnMapping::default()).expect_err("retyped");
+        let e = Layout::bind(&r, &ColumnMapping::default(), &RowExtras::default())
+            .expect_err("retyped");
         assert!(
             matches!(
                 e,
@@ -475,7 +534,12 @@ mod tests {
 
     #[test]
     fn missing_values_are_invalid_rows_naming_the_id() {
-        let l = Layout::bind(&default_rel(), &ColumnMapping::default()).expect("binds");
+        let l = Layout::bind(
+            &default_rel(),
+            &ColumnMapping::default(),
+            &RowExtras::default(),
+        )
+        .expect("binds");
         let mut vals = vec![t("id-1"), t("Order"), t("o"), Value::Null, t("{}")];
         vals.extend([Value::Null, Value::Null, Value::Null, Value::Null]);
         let e = l.row(&vals).expect_err("no type");
@@ -493,12 +557,85 @@ mod tests {
     fn bytea_payload_is_decoded() {
         let mut r = default_rel();
         r.columns[4].type_oid = oid::BYTEA;
-        let l = Layout::bind(&r, &ColumnMapping::default()).expect("binds");
+        let l = Layout::bind(&r, &ColumnMapping::default(), &RowExtras::default()).expect("binds");
         let mut vals = vec![t("i"), t("A"), t("a"), t("T"), t("\\x00ff41")];
         vals.extend([Value::Null, Value::Null, Value::Null, Value::Null]);
         let row = l.row(&vals).expect("valid");
-        assert_eq!(&row.payload[..], &[0x00, 0xff, 0x41]);
+        assert_eq!(row.payload.as_deref(), Some(&[0x00, 0xff, 0x41][..]));
         vals[4] = t("\\x0");
         assert!(l.row(&vals).is_err());
+    }
+
+    #[test]
+    fn a_null_payload_is_a_row_without_data_only_when_allowed() {
+        let mut vals = vec![t("i"), t("A"), t("a"), t("Deleted"), Value::Null];
+        vals.extend([Value::Null, Value::Null, Value::Null, Value::Null]);
+        // Given the default: a NULL payload is an invalid row
+        let l = Layout::bind(
+            &default_rel(),
+            &ColumnMapping::default(),
+            &RowExtras::default(),
+        )
+        .expect("binds");
+        assert_eq!(
+            l.row(&vals).expect_err("null"),
+            invalid("i", "payload is null")
+        );
+        // When the configuration accepts one
+        let extras = RowExtras {
+            null_payload: true,
+            ..RowExtras::default()
+        };
+        let l = Layout::bind(&default_rel(), &ColumnMapping::default(), &extras).expect("binds");
+        // Then the row has no payload, and a present payload is unchanged
+        let row = l.row(&vals).expect("valid");
+        assert_eq!((row.id.as_str(), row.payload), ("i", None));
+        vals[4] = t("{}");
+        assert_eq!(
+            l.row(&vals).expect("valid").payload.as_deref(),
+            Some(&b"{}"[..])
+        );
+    }
+
+    #[test]
+    fn extra_columns_carry_their_text_and_a_null_is_left_out() {
+        // Given a table with two more columns of any type, both asked for
+        let mut r = default_rel();
+        r.columns.push(RelationColumn {
+            name: "tenant_id".into(),
+            type_oid: oid::INT8,
+        });
+        r.columns.push(RelationColumn {
+            name: "region".into(),
+            type_oid: oid::TEXT,
+        });
+        let extras = RowExtras {
+            columns: vec!["region".into(), "tenant_id".into()],
+            null_payload: false,
+        };
+        let l = Layout::bind(&r, &ColumnMapping::default(), &extras).expect("binds");
+        // When a row has a tenant and no region
+        let mut vals = vec![t("i"), t("A"), t("a"), t("T"), t("{}")];
+        vals.extend([Value::Null, Value::Null, Value::Null, Value::Null]);
+        vals.extend([t("42"), Value::Null]);
+        let row = l.row(&vals).expect("valid");
+        // Then the tenant's text travels with it and the region is absent
+        assert_eq!(row.extra, vec![(Arc::from("tenant_id"), "42".to_string())]);
+    }
+
+    #[test]
+    fn a_missing_extra_column_is_a_schema_error_naming_it() {
+        let extras = RowExtras {
+            columns: vec!["tenant_id".into()],
+            null_payload: false,
+        };
+        let e = Layout::bind(&default_rel(), &ColumnMapping::default(), &extras)
+            .expect_err("no such column");
+        let text = e.to_string();
+        assert!(
+            text.contains("column \"tenant_id\" (additional column) does not exist"),
+            "{text}"
+        );
+        assert!(text.contains("kafka.additional_headers"), "{text}");
     }
 }
