@@ -93,6 +93,37 @@ PY
   mv "$tmp/tansu" "$TANSU_DIR/tansu"
 fi
 
+# noida-db: a single-binary server (PyPI wheel noida-db) whose Kafka service implements
+# transactions and read_committed correctly (aborted records hidden, open transactions
+# hidden until committed); tansu 0.6 hands out aborted records, and librdkafka's mock
+# cluster ignores isolation levels. The exactly-once tests read through it
+# (tests/support/kafka.rs, `Noida`). Pinned by wheel and binary hash, installed as
+# .tmp/tools/noida-db/noida-db; OUTBOXD_TEST_NOIDA=/path skips this.
+NOIDA_DIR=.tmp/tools/noida-db
+NOIDA_WHEEL="noida-db==0.2.3"
+NOIDA_WHEEL_SHA256=40a2fb15567e3d344e7483df62bb439e7d64ac6fb232f4f223554aed58204f82
+NOIDA_SHA256=d723e9d728b1d2005f0ee74f0c3696ba11aa021c280f869b6d095e6a87e357b7
+noida_ok() { [ -x "$1" ] && echo "$NOIDA_SHA256  $1" | sha256sum --check --quiet >/dev/null 2>&1; }
+if [ -z "${OUTBOXD_TEST_NOIDA:-}" ] && ! noida_ok "$NOIDA_DIR/noida-db"; then
+  echo "ensure-deps: installing noida-db into $NOIDA_DIR"
+  tmp=$(mktemp -d)
+  printf '%s --hash=sha256:%s\n' "$NOIDA_WHEEL" "$NOIDA_WHEEL_SHA256" >"$tmp/requirements.txt"
+  PIP_DISABLE_PIP_VERSION_CHECK=1 python3 -m pip download --quiet --no-deps \
+    --only-binary=:all: --require-hashes -r "$tmp/requirements.txt" -d "$tmp"
+  python3 - "$tmp" <<'PY'
+import glob, sys, zipfile
+tmp = sys.argv[1]
+(wheel,) = glob.glob(f"{tmp}/*.whl")
+with zipfile.ZipFile(wheel) as z, open(f"{tmp}/noida-db", "wb") as out:
+    out.write(z.read("noida_db/noida-db"))
+PY
+  chmod 0755 "$tmp/noida-db"
+  noida_ok "$tmp/noida-db" || { echo "ensure-deps: noida-db binary hash mismatch" >&2; exit 1; }
+  mkdir -p "$NOIDA_DIR"
+  mv "$tmp/noida-db" "$NOIDA_DIR/noida-db"
+  rm -rf "$tmp"
+fi
+
 # The version matrix (`make test-matrix`, `--matrix` here): PostgreSQL 14, 16, 17 and
 # 18 (and 13, to prove it is refused) and two nats-server releases besides the Debian
 # ones `make test` uses.

@@ -26,6 +26,75 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use super::{free_port, wait_for, Postgres, Relay};
 
+/// noida-db's Kafka service on a free port: unlike tansu 0.6 it implements
+/// read_committed (a consumer never sees records of an aborted transaction, nor those
+/// of an open one), so the exactly-once tests read through it. It does not abort a
+/// transaction that times out (a later producer of the same id does). Binary:
+/// `OUTBOXD_TEST_NOIDA`, else `.tmp/tools/noida-db/noida-db` (scripts/ensure-deps.sh).
+pub struct Noida {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: Child,
+}
+
+impl Noida {
+    /// Starts the broker and waits until it accepts connections.
+    pub fn start() -> Self {
+        let bin = std::env::var_os("OUTBOXD_TEST_NOIDA").map_or_else(
+            || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tmp/tools/noida-db/noida-db"),
+            PathBuf::from,
+        );
+        assert!(
+            bin.exists(),
+            "noida-db not found at {}: run `make test` (scripts/ensure-deps.sh installs it) \
+             or set OUTBOXD_TEST_NOIDA",
+            bin.display()
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("outboxd-noida-")
+            .tempdir()
+            .expect("tempdir");
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("log")).expect("log file");
+        let child = Command::new(bin)
+            .arg("start")
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .args(["--only", "kafka", "--kafka-port", &port.to_string()])
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn noida-db");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "noida-db did not start: {}",
+                std::fs::read_to_string(dir.path().join("log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { dir, port, child }
+    }
+
+    /// Bootstrap servers for clients.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The broker's output so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Noida {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A `tansu` broker on a free port.
 pub struct Tansu {
     dir: tempfile::TempDir,

@@ -214,7 +214,11 @@ impl ClientContext for Context {
 
     fn error(&self, error: KafkaError, reason: &str) {
         // Broker-down and similar are reported here while librdkafka reconnects on its
-        // own; the per-event consequences arrive as delivery reports.
+        // own; the per-event consequences arrive as delivery reports. The end of a
+        // partition is how the exactly-once checkpoint reader knows it read all.
+        if matches!(error, KafkaError::PartitionEOF(_)) {
+            return;
+        }
         let error = error.to_string();
         tracing::warn!(target: "librdkafka", error = %self.redact(&error), reason = %self.redact(reason), "kafka client error");
     }
