@@ -187,3 +187,110 @@ async fn kafka_twenty_kills_every_event_once_for_read_committed() {
     assert_eq!((missing, repeated), (0, 0));
     assert_order_per_key(&records, n_of);
 }
+
+/// Kafka, a zombie: the active relay is SIGSTOPped with a transaction open, a standby
+/// takes the slot over (its producer of the same transactional.id fences the old one),
+/// then the old active resumes. It must not get a single write committed: it steps
+/// down, and a read_committed consumer sees every event once, in order per key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_a_resumed_zombie_is_fenced_and_nothing_is_delivered_twice() {
+    use support::kafka::{assert_order_per_key, kafka_config, n_of, read_topic_committed, Noida};
+    use support::{http_get, Postgres, Relay};
+    const TOPIC: &str = "outbox.event.Order";
+    let streaming = |port: u16| {
+        http_get(port, "/metrics").and_then(|(_, body)| support::metric(&body, "outboxd_streaming"))
+            == Some(1.0)
+    };
+    // Given an active relay and a standby in Kafka exactly-once mode, a Postgres that
+    // drops a silent walsender after 2 s, and a writer over 1,000 aggregates
+    let kafka = Noida::start();
+    let pg = Postgres::start();
+    pg.create_outbox().await;
+    let admin = pg.client().await;
+    for sql in [
+        "ALTER SYSTEM SET wal_sender_timeout = '2s'",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.expect("wal_sender_timeout");
+    }
+    let (port_a, port_b) = (support::free_port(), support::free_port());
+    let replica = |port: u16| {
+        let listen = format!("\"127.0.0.1:{port}\"");
+        kafka_config(
+            &pg,
+            &kafka.brokers(),
+            &[
+                ("kafka", "exactly_once", "true"),
+                ("http", "listen", &listen),
+                ("postgres", "standby_poll_ms", "200"),
+            ],
+        )
+    };
+    let mut a = Relay::spawn(&replica(port_a));
+    pg.wait_streaming("outboxd").await;
+    let b = Relay::spawn(&replica(port_b));
+    let writer = Writer::spawn(pg.url(), 1_000, 20, Duration::from_millis(10), seed());
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            metric_sum(&scrape(port_a), "outboxd_events_published_total") > 100.0
+        })
+        .await,
+        "the active relay publishes: {}",
+        a.stderr()
+    );
+
+    // When the active relay is frozen mid-stream until the standby streams
+    support::signal(a.pid(), "STOP");
+    let took_over = wait_for(Duration::from_secs(60), || async { streaming(port_b) }).await;
+    assert!(took_over, "the standby did not take over: {}", b.stderr());
+    assert!(writer.wait_committed_more(300).await);
+    // and then resumes
+    support::signal(a.pid(), "CONT");
+
+    // Then the old active steps down (it exits, fenced, or stands by) and never
+    // streams again while the new one does
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let stepped_down = loop {
+        if a.try_exit().is_some() || (!streaming(port_a) && http_get(port_a, "/status").is_some()) {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        stepped_down,
+        "the resumed zombie did not step down: {}",
+        a.stderr()
+    );
+    assert!(writer.wait_committed_more(300).await);
+    let written = writer.finish().await;
+    let expected = support::faults::ids_once_confirmed(&pg, Duration::from_secs(90)).await;
+    assert_eq!(expected.len(), written.len() + 1, "writer bookkeeping");
+    assert!(streaming(port_b), "the new active streams: {}", b.stderr());
+    let records = read_topic_committed(&kafka.brokers(), TOPIC).await;
+    let mut seen = std::collections::HashMap::<&str, usize>::new();
+    for r in &records {
+        *seen.entry(r.header("ce_id").expect("ce_id")).or_default() += 1;
+    }
+    let missing = expected
+        .iter()
+        .filter(|id| !seen.contains_key(id.as_str()))
+        .count();
+    let repeated = seen.values().filter(|c| **c > 1).count();
+    let zombie = a.stderr();
+    eprintln!(
+        "zombie: {} records for {} events; {missing} missing, {repeated} repeated; the zombie {}",
+        records.len(),
+        expected.len(),
+        if zombie.contains("steps down") {
+            "was fenced and exited"
+        } else {
+            "stood by"
+        }
+    );
+    assert_eq!((missing, repeated), (0, 0));
+    assert_order_per_key(&records, n_of);
+    drop(b);
+}

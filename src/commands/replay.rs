@@ -64,6 +64,10 @@ pub async fn run(
     prefix: Option<String>,
     dry_run: bool,
 ) -> Result<ExitCode, CommandError> {
+    // A replay publishes at least once, outside the relay's checkpoints: it must not
+    // take the relay's Kafka transactional.id (that would fence the running relay).
+    cfg.kafka.exactly_once = false;
+    cfg.nats.exactly_once = false;
     if let Some(p) = prefix {
         cfg.nats.subject = format!("{p}{}", cfg.nats.subject);
         cfg.kafka.topic = format!("{p}{}", cfg.kafka.topic);

@@ -191,6 +191,9 @@ async fn publish_rows(
             .await?;
         published += sent.get();
     }
+    // Exactly-once Kafka: the snapshot's events are in a transaction; commit it (no
+    // checkpoint: the snapshot has no stream position).
+    ctx.sink.checkpoint(None).await?;
     Ok(Some(published))
 }
 

@@ -45,8 +45,10 @@ pub(super) async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Resu
     // From here on this process relies on the slot (a standby too: the active instance
     // confirms on it), so a slot that vanishes later is a loss, never a fresh start.
     ctx.slot_known.set(true);
-    // Exactly-once: what the broker already holds, read before the first row (Kafka
-    // aborts what the last session left open first).
+    let mut stream = bounded(Stream::start(cfg, slot.confirmed_flush_lsn)).await?;
+    // Exactly-once: what the broker already holds, read before the first row, and only
+    // now that this process holds the slot (Kafka fences the previous holder's
+    // producer, then aborts what it left open).
     let mut checkpoints = if ctx.sink.exactly_once() {
         let resume = resume(ctx).await?;
         Checkpoints::on(
@@ -57,7 +59,6 @@ pub(super) async fn session(ctx: &Ctx<'_>, shutdown: &CancellationToken) -> Resu
     } else {
         Checkpoints::off()
     };
-    let mut stream = bounded(Stream::start(cfg, slot.confirmed_flush_lsn)).await?;
     ctx.session_streamed.set(true);
     // Whatever waited for an operator is resolved: the slot was found usable.
     t.health.set_problem(None);

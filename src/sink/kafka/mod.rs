@@ -131,15 +131,11 @@ impl KafkaSink {
             overridden = ?cfg.properties.keys().collect::<Vec<_>>(),
             "kafka producer ready"
         );
-        let producer = match &once {
-            Some(once) => {
-                once.ensure_topic(&settings).await;
-                let producer = once.init(producer).await?;
-                tracing::info!(transactional_id = once.id(), checkpoint_topic = %cfg.checkpoint_topic, "kafka exactly-once: transactional producer ready");
-                producer
-            }
-            None => producer,
-        };
+        // The transactional id is registered (fencing its previous user) only once this
+        // process holds the slot: a standby must not fence the active instance.
+        if let Some(once) = &once {
+            once.ensure_topic(&settings).await;
+        }
         // Asks for topic configs (max.message.bytes); it sends nothing, so it must not
         // register an idempotent producer id. Without it only the producer's limit holds.
         let mut admin_settings = settings.clone();
@@ -173,7 +169,9 @@ impl KafkaSink {
         let Some(once) = &self.once else {
             return Ok(super::Resume::default());
         };
-        once.abort(&self.current()).await;
+        let producer = self.current();
+        once.init(&producer).await?;
+        once.abort(&producer).await;
         Ok(super::Resume {
             through: once.read().await?,
             ids: Default::default(),
@@ -184,7 +182,11 @@ impl KafkaSink {
     /// `through` when given.
     pub async fn checkpoint(&self, through: Option<super::Checkpoint>) -> Result<(), SinkError> {
         match &self.once {
-            Some(once) => once.commit(&self.current(), through).await,
+            Some(once) => {
+                let producer = self.current();
+                once.init(&producer).await?;
+                once.commit(&producer, through).await
+            }
             None => Ok(()),
         }
     }
@@ -258,6 +260,7 @@ impl KafkaSink {
         };
         let producer = self.current();
         if let Some(once) = &self.once {
+            once.init(&producer).await?;
             once.begin(&producer)?;
         }
         let err = match producer.send_result(record) {
@@ -294,6 +297,9 @@ impl KafkaSink {
         topic: &str,
         size: usize,
     ) -> SinkError {
+        if let Some(stopped) = once.stopped(producer) {
+            return stopped;
+        }
         match classify(&err) {
             Class::Retry(reason @ "queue_full") => SinkError::Retryable {
                 sink: SINK,

@@ -71,6 +71,8 @@ pub struct Once {
     /// Settings of the consumer that reads the checkpoint back.
     reader: ClientConfig,
     kafka: KafkaConfig,
+    /// `init_transactions` succeeded.
+    initialized: tokio::sync::Mutex<bool>,
     /// A transaction is open (begun, not yet committed or aborted).
     open: Mutex<bool>,
     /// Events the broker refused for good inside a transaction: event id → (reason,
@@ -104,6 +106,7 @@ impl Once {
             topic: cfg.checkpoint_topic.clone(),
             reader,
             kafka: cfg.clone(),
+            initialized: tokio::sync::Mutex::new(false),
             open: Mutex::new(false),
             refused: Mutex::new(HashMap::new()),
         }
@@ -114,13 +117,22 @@ impl Once {
         &self.id
     }
 
-    /// Registers the `transactional.id` with the coordinator: fences an older producer
-    /// with the same id and aborts its open transaction.
-    pub async fn init(&self, producer: Producer) -> Result<Producer, SinkError> {
-        let id = self.id.clone();
-        blocking(move || producer.init_transactions(TXN_TIMEOUT).map(|()| producer))
+    /// Registers the `transactional.id` with the coordinator, once: fences an older
+    /// producer with the same id and aborts its open transaction. Called when this
+    /// process holds the slot (a session's start, or the initial snapshot's first
+    /// event), never at connect: a standby must not fence the active instance.
+    pub async fn init(&self, producer: &Producer) -> Result<(), SinkError> {
+        let mut done = self.initialized.lock().await;
+        if *done {
+            return Ok(());
+        }
+        let p = producer.clone();
+        blocking(move || p.init_transactions(TXN_TIMEOUT))
             .await
-            .map_err(|e| self.failure("init_transactions", e, &id))
+            .map_err(|e| self.failure("init_transactions", e, &self.id))?;
+        *done = true;
+        tracing::info!(transactional_id = %self.id, checkpoint_topic = %self.topic, "kafka exactly-once: transactional producer registered");
+        Ok(())
     }
 
     /// Creates the compacted checkpoint topic when it is missing (an error is logged:
@@ -200,7 +212,9 @@ impl Once {
                 Err((e, _)) => Err(e),
             };
             if let Err(e) = delivered {
-                return Err(self.failure("checkpoint record", e, &self.topic));
+                return Err(self
+                    .stopped(producer)
+                    .unwrap_or_else(|| self.failure("checkpoint record", e, &self.topic)));
             }
         }
         if !*self.open.lock().unwrap_or_else(|p| p.into_inner()) {
@@ -209,7 +223,24 @@ impl Once {
         let p = producer.clone();
         let committed = blocking(move || p.commit_transaction(TXN_TIMEOUT)).await;
         *self.open.lock().unwrap_or_else(|p| p.into_inner()) = false;
-        committed.map_err(|e| self.failure("commit_transaction", e, &self.id))
+        committed.map_err(|e| {
+            self.stopped(producer)
+                .unwrap_or_else(|| self.failure("commit_transaction", e, &self.id))
+        })
+    }
+
+    /// The producer hit librdkafka's fatal error (fenced by a newer instance of the
+    /// same `transactional.id`, most often): this instance must step down.
+    pub fn stopped(&self, producer: &Producer) -> Option<SinkError> {
+        let (code, text) = producer.client().fatal_error()?;
+        Some(SinkError::Fatal {
+            sink: SINK,
+            detail: format!(
+                "the transactional producer {} stopped for good ({code:?}: {text}): another outboxd \
+                 took over the slot and its transactional.id, so this instance steps down",
+                self.id
+            ),
+        })
     }
 
     /// Aborts the open transaction, if any (a failure is logged: the coordinator
