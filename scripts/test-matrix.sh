@@ -46,9 +46,11 @@ PG_TESTS=(
 UNSUPPORTED_PG_TESTS=(versions::)
 # Per nats-server version: the NATS black-box tests (CloudEvents attributes, dedup by
 # Nats-Msg-Id across SIGKILLs, SIGTERM drain, the stream the relay creates), the
-# duplicate count after a restart, a stream's size limit, TLS and every auth method.
+# duplicate count after a restart, a stream's size limit, TLS and every auth method,
+# and exactly-once mode (the checkpoint stream and reading the stream back).
 NATS_TESTS=(
   relay_nats::
+  exactly_once::nats_
   failures_crash::sigterm_mid_batch_then_restart_publishes_no_duplicates
   dead_letter::an_event_larger_than_the_stream_allows_becomes_a_dead_letter
   security_nats::
