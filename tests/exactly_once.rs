@@ -294,3 +294,50 @@ async fn kafka_a_resumed_zombie_is_fenced_and_nothing_is_delivered_twice() {
     assert_order_per_key(&records, n_of);
     drop(b);
 }
+
+/// NATS: the checkpoint stream deleted under a running relay costs a session, not the
+/// process: the relay creates it again and goes on, storing every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_a_deleted_checkpoint_stream_is_created_again() {
+    use support::streaming::{insert_events, wait_stream_len};
+    // Given a relay in exactly-once mode that has stored events and a checkpoint
+    let (pg, nats, _cfg, mut relay) = streaming(&[("nats", "exactly_once", "true")]).await;
+    let js = nats.jetstream().await;
+    let db = pg.client().await;
+    insert_events(&db, "a", 0..50).await;
+    assert!(wait_stream_len(&js, STREAM, 50).await);
+    assert!(
+        wait_for(Duration::from_secs(10), || async {
+            js.get_stream("OUTBOXD_CHECKPOINTS")
+                .await
+                .expect("checkpoint stream")
+                .info()
+                .await
+                .is_ok_and(|i| i.state.messages == 1)
+        })
+        .await,
+        "no checkpoint stored"
+    );
+
+    // When the checkpoint stream is deleted and more rows commit
+    js.delete_stream("OUTBOXD_CHECKPOINTS")
+        .await
+        .expect("delete the checkpoint stream");
+    insert_events(&db, "a", 50..100).await;
+
+    // Then the relay keeps running, the checkpoint stream is back, and every event is
+    // in the stream once, in order
+    let (_expected, msgs) =
+        assert_outbox_delivered_once(&pg, &js, STREAM, Duration::from_secs(60)).await;
+    assert_eq!(msgs.len(), 101, "100 events and the marker");
+    assert!(
+        relay.try_exit().is_none(),
+        "the relay exited: {}",
+        relay.stderr()
+    );
+    assert!(
+        js.get_stream("OUTBOXD_CHECKPOINTS").await.is_ok(),
+        "the checkpoint stream was not created again: {}",
+        relay.stderr()
+    );
+}

@@ -184,9 +184,13 @@ async fn run_sessions(
                     return Ok(stopped(&ctx));
                 }
             }
-            Err(RelayError::Sink(e @ SinkError::Aborted { .. })) => {
+            Err(RelayError::Sink(e))
+                if matches!(e, SinkError::Aborted { .. }) || e.is_retryable() =>
+            {
                 // Exactly-once: the broker dropped what was sent since the last
-                // checkpoint. A new session reads the checkpoint back and sends it again.
+                // checkpoint, or the checkpoint could not be read or written. A new
+                // session reads the checkpoint back and sends the rest again. (Publishes
+                // retry in place; only these steps end a session with such an error.)
                 let wait = backoff::delay(&cfg.retry, attempt);
                 attempt = attempt.saturating_add(1);
                 t.health.set_error(Some(e.to_string()));

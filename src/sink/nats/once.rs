@@ -59,8 +59,8 @@ struct Stored {
 
 /// The exactly-once state of a NATS sink.
 pub struct Once {
-    /// The checkpoint stream's name.
-    checkpoints: String,
+    /// The checkpoint stream's settings (its name among them).
+    checkpoints: stream::Config,
     /// The checkpoint's subject: one per slot.
     subject: String,
     /// The stream's name.
@@ -87,7 +87,7 @@ impl Once {
         source: &str,
     ) -> Result<Self, SinkError> {
         let name = &cfg.checkpoint_stream;
-        js.get_or_create_stream(stream::Config {
+        let config = stream::Config {
             name: name.clone(),
             description: Some("outboxd exactly-once checkpoints, one subject per slot".into()),
             subjects: vec![format!("{SUBJECT_PREFIX}.>")],
@@ -98,24 +98,36 @@ impl Once {
                 StreamStorage::Memory => stream::StorageType::Memory,
             },
             ..Default::default()
-        })
-        .await
-        .map_err(|e| SinkError::Retryable {
-            sink: SINK,
-            reason: "checkpoint",
-            detail: format!(
-                "cannot find or create the checkpoint stream {name} (nats.checkpoint_stream): {e}"
-            ),
-        })?;
-        Ok(Self {
-            checkpoints: name.clone(),
+        };
+        let once = Self {
+            checkpoints: config,
             subject: format!("{SUBJECT_PREFIX}.{slot}"),
             stream: cfg.stream.clone(),
             sequence: AtomicU64::new(0),
             source: source.to_string(),
             floor: std::sync::Mutex::new(None),
             binary: cfg.content_mode == crate::config::ContentMode::Binary,
-        })
+        };
+        once.checkpoint_stream(js).await?;
+        Ok(once)
+    }
+
+    /// Finds the checkpoint stream, or creates it (again: a deleted one only costs the
+    /// checkpoint, and the next start reads the stream's last [`FIRST_SCAN`] messages).
+    async fn checkpoint_stream(
+        &self,
+        js: &jetstream::Context,
+    ) -> Result<stream::Stream, SinkError> {
+        js.get_or_create_stream(self.checkpoints.clone())
+            .await
+            .map_err(|e| SinkError::Retryable {
+                sink: SINK,
+                reason: "checkpoint",
+                detail: format!(
+                    "cannot find or create the checkpoint stream {} (nats.checkpoint_stream): {e}",
+                    self.checkpoints.name
+                ),
+            })
     }
 
     /// A PubAck arrived: its sequence, if it is of this stream.
@@ -168,10 +180,7 @@ impl Once {
             reason: "checkpoint",
             detail: format!("cannot {what}: {e}"),
         };
-        let checkpoints = js
-            .get_stream(&self.checkpoints)
-            .await
-            .map_err(|e| failed("look up the checkpoint stream", &e))?;
+        let checkpoints = self.checkpoint_stream(js).await?;
         let stored: Option<Stored> = match checkpoints
             .get_last_raw_message_by_subject(&self.subject)
             .await
@@ -180,7 +189,7 @@ impl Once {
                 sink: SINK,
                 detail: format!(
                     "the checkpoint on {} in stream {} is not outboxd's ({e}); purge that subject to start over",
-                    self.subject, self.checkpoints
+                    self.subject, self.checkpoints.name
                 ),
             })?),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => None,
