@@ -160,3 +160,63 @@ async fn healthcheck_answers_for_a_running_relay_and_fails_without_one() {
     assert_eq!(out.code, Some(1), "{}", out.all());
     assert!(out.stderr.contains("/healthz"), "{}", out.all());
 }
+
+/// deploy/compose/init.sql is PART 1 of `outboxd setup` for the compose relay, as
+/// scripts/compose-init-sql.sh writes it (one DDL, no copy), and it works: applied by
+/// the superuser to a fresh database, the relay streams as the least-privilege role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compose_init_sql_is_part_one_of_outboxd_setup() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let generated = dir.path().join("init.sql");
+    let status = std::process::Command::new("bash")
+        .arg(root.join("scripts/compose-init-sql.sh"))
+        .arg(&generated)
+        .env("OUTBOXD", env!("CARGO_BIN_EXE_outboxd"))
+        .status()
+        .expect("run scripts/compose-init-sql.sh");
+    assert!(status.success(), "scripts/compose-init-sql.sh failed");
+    let committed =
+        std::fs::read_to_string(root.join("deploy/compose/init.sql")).expect("init.sql");
+    assert!(
+        std::fs::read_to_string(&generated).expect("generated") == committed,
+        "deploy/compose/init.sql differs from PART 1 of `outboxd setup`: run scripts/compose-init-sql.sh"
+    );
+
+    // Applied as the superuser, as the postgres image's initdb does
+    let pg = Postgres::start();
+    pg.client()
+        .await
+        .batch_execute(&committed)
+        .await
+        .expect("init.sql runs");
+    // the relay, as the role it created, streams what the application writes
+    let url = pg
+        .url()
+        .replace("postgres://postgres@", "postgres://outboxd:outboxd@");
+    let relay = Relay::spawn(&config(
+        &pg,
+        None,
+        &[
+            ("postgres", "url", &format!("\"{url}\"")),
+            ("postgres", "create_publication", "false"),
+        ],
+    ));
+    pg.wait_streaming("outboxd").await;
+    let id = insert_event(&pg.client().await, "o-1", 1)
+        .await
+        .expect("insert");
+    assert!(
+        wait_for(Duration::from_secs(20), || async {
+            support::faults::stdout_ids(&relay).contains(&id)
+        })
+        .await,
+        "the event did not arrive: {}",
+        relay.stderr()
+    );
+    assert!(
+        !relay.stderr().contains("superuser"),
+        "the relay ran as a superuser: {}",
+        relay.stderr()
+    );
+}
