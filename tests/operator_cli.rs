@@ -183,6 +183,18 @@ async fn compose_init_sql_is_part_one_of_outboxd_setup() {
         "deploy/compose/init.sql differs from PART 1 of `outboxd setup`: run scripts/compose-init-sql.sh"
     );
 
+    // and the DBA runbook's copy of the slot record table is the same DDL
+    let runbook = std::fs::read_to_string(root.join("deploy/kubernetes/least-privilege.sql"))
+        .expect("least-privilege.sql");
+    let start = runbook
+        .find("CREATE TABLE IF NOT EXISTS public.outboxd_slots")
+        .expect("the runbook creates the slot record table");
+    let ddl = &runbook[start..start + runbook[start..].find(";\n").expect("statement end") + 1];
+    assert!(
+        committed.contains(ddl),
+        "deploy/kubernetes/least-privilege.sql's outboxd_slots differs from `outboxd setup`:\n{ddl}"
+    );
+
     // Applied as the superuser, as the postgres image's initdb does
     let pg = Postgres::start();
     pg.client()
