@@ -46,9 +46,13 @@ const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How many of the checkpoint topic's last offsets are read first for our record.
 const READ_BACK: i64 = 1_000;
 
-/// The checkpoint record's value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// The checkpoint record's value (JSON): the slot, and the position of the last row
+/// whose event is committed (the commit LSN of its Postgres transaction and its index
+/// in it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Stored {
+    #[serde(default)]
+    slot: String,
     commit_lsn: u64,
     index: u64,
 }
@@ -66,6 +70,8 @@ pub fn transactional_id(cfg: &KafkaConfig, slot: &str) -> String {
 pub struct Once {
     /// The `transactional.id`, also the checkpoint record's key.
     id: String,
+    /// The slot's name, in the checkpoint record.
+    slot: String,
     /// `kafka.checkpoint_topic`.
     topic: String,
     /// Settings of the consumer that reads the checkpoint back.
@@ -103,6 +109,7 @@ impl Once {
             .set("group.id", format!("{id}.checkpoint-reader"));
         Self {
             id,
+            slot: slot.to_string(),
             topic: cfg.checkpoint_topic.clone(),
             reader,
             kafka: cfg.clone(),
@@ -195,10 +202,11 @@ impl Once {
         if let Some(at) = through {
             self.begin(producer)?;
             let value = serde_json::to_vec(&Stored {
+                slot: self.slot.clone(),
                 commit_lsn: at.commit_lsn,
                 index: at.index,
             })
-            .expect("a struct of integers serializes");
+            .expect("a string and integers serialize");
             let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.topic)
                 .partition(0)
                 .key(self.id.as_str())
@@ -412,5 +420,44 @@ fn lost(reason: &'static str, detail: String) -> SinkError {
         sink: SINK,
         reason,
         detail,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_transactional_id_is_the_slots_unless_the_properties_set_one() {
+        let mut cfg = KafkaConfig::default();
+        assert_eq!(transactional_id(&cfg, "orders"), "outboxd.orders");
+        cfg.properties.insert(
+            "transactional.id".into(),
+            crate::config::Secret::new("orders-eu"),
+        );
+        assert_eq!(transactional_id(&cfg, "orders"), "orders-eu");
+    }
+
+    #[test]
+    fn the_checkpoint_record_names_the_slot_and_the_position() {
+        let stored = Stored {
+            slot: "orders".into(),
+            commit_lsn: 0x16B_14A0,
+            index: 6,
+        };
+        let json = serde_json::to_string(&stored).expect("json");
+        assert_eq!(json, r#"{"slot":"orders","commit_lsn":23794848,"index":6}"#);
+        assert_eq!(serde_json::from_str::<Stored>(&json).expect("back"), stored);
+    }
+
+    #[test]
+    fn the_producer_gets_the_id_and_the_reader_reads_committed_without_it() {
+        let cfg = KafkaConfig::default();
+        let mut settings = client::producer_config(&cfg);
+        let once = Once::new(&mut settings, &cfg, "orders");
+        assert_eq!(settings.get("transactional.id"), Some("outboxd.orders"));
+        assert_eq!(once.reader.get("isolation.level"), Some("read_committed"));
+        assert_eq!(once.reader.get("transactional.id"), None);
+        assert_eq!(once.reader.get("enable.idempotence"), None);
     }
 }
