@@ -40,7 +40,8 @@ demo: deps
 
 # Throughput, end-to-end latency and memory against the pg_recvlogical ceiling, on a
 # throw-away Postgres and nats-server under .tmp/bench; prints a table and rewrites the
-# generated block of BENCHMARKS.md. Takes ~5 minutes. Not part of `make test` and never
+# generated block of BENCHMARKS.md; NATS and Kafka each at least once and exactly once
+# ("nats-eo", "kafka-eo"). Takes ~10 minutes. Not part of `make test` and never
 # run by CI. Knobs: BENCH_N, BENCH_REPEAT, BENCH_RATES, BENCH_BATCHED, BENCH_LATENCY_SECS
 # (bench/bench.py).
 .PHONY: bench

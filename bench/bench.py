@@ -6,8 +6,10 @@
     2. per backlog shape (N single-row transactions; one transaction of N rows): one
        fresh slot per consumer, all created before the backlog is written;
     3. the ceiling: pg_recvlogical (pgoutput, same publication) drains its slot;
-    4. outboxd drains its own slot to stdout (/dev/null), NATS JetStream, Kafka;
-    5. outboxd under paced load (pgbench --rate): commit-to-ack latency;
+    4. outboxd drains its own slot to stdout (/dev/null), NATS JetStream, Kafka, each
+       broker in both delivery modes: at least once ("nats", "kafka") and exactly once
+       ("nats-eo", "kafka-eo": `<sink>.exactly_once = true`, docs/exactly-once.md);
+    5. outboxd under paced load (pgbench --rate): commit-to-ack latency, both modes;
     6. outboxd's CPU seconds and peak RSS for every run;
     7. a table on stdout, .tmp/bench/results.json, and BENCHMARKS.md.
 
@@ -134,7 +136,8 @@ def run_all(ctx, cfg, res):
                           "no Kafka-protocol broker installed" if "tansu is not installed" in note
                           else note)
     print(f"bench: Kafka: {'yes' if ok else 'skipped'} — {note}")
-    sinks = ["stdout", "nats"] + (["kafka"] if ok else [])
+    brokers = ["nats", "nats-eo"] + (["kafka", "kafka-eo"] if ok else [])
+    sinks = ["stdout"] + brokers
 
     res["phases"] = []
     for shape, title in SHAPES:
@@ -142,7 +145,7 @@ def run_all(ctx, cfg, res):
         # Round robin (ceiling, stdout, nats, ..., ceiling, stdout, ...), so that load from
         # outside the benchmark falls on every consumer alike; each figure is the median.
         order = [(c, k) for k in range(cfg["repeat"]) for c in consumers]
-        slots = {(c, k): f"bench_{shape}_{c}_{k}" for c, k in order}
+        slots = {(c, k): runs.slot_name("bench", shape, c, k) for c, k in order}
         # Every slot exists before the first row of the backlog: each consumer decodes
         # exactly the same transactions from its own fresh slot.
         workload.create_slots(ctx.pg, slots.values())
@@ -161,9 +164,10 @@ def run_all(ctx, cfg, res):
                 else:
                     r = runs.run_drain(ctx, c, slots[(c, k)], end, cfg["n"])
             except Exception as e:
-                if c != "kafka":
+                if not tolerated(c):
                     raise
-                r = {"consumer": "outboxd → kafka", "sink": "kafka", "error": str(e)}
+                r = {"consumer": f"outboxd → {c}", "sink": c,
+                     "exactly_once": runs.exactly_once(c), "error": str(e)}
             finally:
                 workload.drop_slot(ctx.pg, slots[(c, k)])
             phase["all_runs"].append(r)
@@ -174,19 +178,30 @@ def run_all(ctx, cfg, res):
         ctx.pg.sql("TRUNCATE outbox")  # not published (publish = 'insert'); keeps it small
 
     res["latency"] = []
-    for sink in ["nats"] + (["kafka"] if ok else []):
+    for sink in brokers:
         loads = [(r, 1) for r in cfg["rates"]] + [tuple(b) for b in cfg.get("batched", [])]
         print(f"bench: paced load against {sink}: {report.loads_text(loads)} events/s, "
               f"{cfg['latency_secs']} s each ...", flush=True)
         try:
-            for r in runs.run_latency(ctx, sink, f"bench_latency_{sink}", loads,
+            for r in runs.run_latency(ctx, sink, runs.slot_name("bench_latency", sink), loads,
                                       cfg["latency_secs"]):
                 res["latency"].append(r)
                 print("bench:     " + report.latency_line(r), flush=True)
         except Exception as e:
-            if sink != "kafka":
+            if not tolerated(sink):
                 raise
-            res["latency"].append({"sink": sink, "error": str(e)})
+            res["latency"].append({"sink": sink, "exactly_once": runs.exactly_once(sink),
+                                   "error": str(e)})
+            print("bench:     " + report.latency_line(res["latency"][-1]), flush=True)
+
+
+def tolerated(consumer):
+    """Whether a failed run is recorded (and the bench goes on) rather than fatal: Kafka
+    (a broker other than Apache Kafka) and the exactly-once modes, whose failure is
+    itself a finding to report."""
+    if consumer not in runs.SINKS:  # the ceiling
+        return False
+    return runs.sink_kind(consumer) == "kafka" or runs.exactly_once(consumer)
 
 
 def main():

@@ -8,6 +8,7 @@ written, or leave a process of a run running when the run returns or fails.
 """
 
 import os
+import re
 import subprocess
 import time
 
@@ -16,6 +17,32 @@ import workload
 from services import free_port, wait_port
 
 DRAIN_TIMEOUT_S = 600
+
+# What the bench calls a consumer of a backlog or a paced load, and what it runs:
+# (`sink.kind`, exactly-once). "-eo" is the same sink with `<sink>.exactly_once = true`
+# and the checkpoint defaults a user gets (`sink.checkpoint_interval_ms` = 200,
+# `sink.checkpoint_max_events` = 10,000).
+SINKS = {
+    "stdout": ("stdout", False),
+    "nats": ("nats", False),
+    "nats-eo": ("nats", True),
+    "kafka": ("kafka", False),
+    "kafka-eo": ("kafka", True),
+}
+
+
+def sink_kind(sink):
+    """The `sink.kind` a bench sink runs ("nats-eo" -> "nats")."""
+    return SINKS[sink][0]
+
+
+def exactly_once(sink):
+    return SINKS[sink][1]
+
+
+def slot_name(*parts):
+    """A replication slot name from bench labels (slot names allow [a-z0-9_] only)."""
+    return "_".join(str(p) for p in parts).replace("-", "_")
 
 
 class Ctx:
@@ -30,7 +57,9 @@ def outboxd_config(ctx, name, slot, sink, http_port, commit_time=False):
     """An outboxd config: the defaults a user gets, except `status_interval_ms = 100`
     (the confirmed LSN, which ends a drain measurement, reaches the server within 100 ms
     rather than 1 s) and, with `commit_time`, `created_at` unmapped so that each event's
-    `time` is its transaction's commit time (the exact latency read-back uses it)."""
+    `time` is its transaction's commit time (the exact latency read-back uses it).
+    `sink` is a key of SINKS: "nats-eo" and "kafka-eo" add `exactly_once = true`."""
+    kind, once = SINKS[sink]
     lines = [
         "[postgres]",
         f'url = "{ctx.pg.url}"',
@@ -39,14 +68,16 @@ def outboxd_config(ctx, name, slot, sink, http_port, commit_time=False):
     ]
     if commit_time:
         lines += ["[postgres.columns]", 'created_at = ""']
-    lines += ["[cloudevents]", 'source = "/bench/orders"', "[sink]", f'kind = "{sink}"']
-    if sink == "nats":
+    lines += ["[cloudevents]", 'source = "/bench/orders"', "[sink]", f'kind = "{kind}"']
+    if kind == "nats":
         lines += ["[nats]", f'url = "{ctx.nats.url}"']
-    if sink == "kafka":
+    if kind == "kafka":
         # Without a broker (ctx.kafka is None) port 9 refuses at once, and `outboxd check`
         # still says whether this binary has a Kafka sink at all.
         brokers = ctx.kafka.brokers if ctx.kafka is not None else "127.0.0.1:9"
         lines += ["[kafka]", f'brokers = "{brokers}"']
+    if once:
+        lines += ["exactly_once = true"]  # under [nats] or [kafka], just opened
     lines += ["[http]", f'listen = "127.0.0.1:{http_port}"', "[log]", 'format = "text"']
     path = os.path.join(ctx.root, f"{name}.toml")
     with open(path, "w") as f:
@@ -123,6 +154,23 @@ def _spawn_outboxd(ctx, name, cfg, sink):
                            stdout=out, stderr=log)
 
 
+def _log_tail(ctx, name, lines=3):
+    """The last warnings and errors of an outboxd run's log, for a failure's message."""
+    try:
+        with open(os.path.join(ctx.root, f"{name}.log"), errors="replace") as f:
+            text = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in f]
+    except OSError:
+        return ""
+    bad = [ln for ln in text if re.search(r"\b(WARN|ERROR)\b", ln)]
+    return " | ".join(bad[-lines:])
+
+
+def _failed(ctx, name, e):
+    """`e` with the tail of the run's log, so that results.json says why."""
+    tail = _log_tail(ctx, name)
+    return RuntimeError(f"{e}; {name}.log: {tail}" if tail else str(e))
+
+
 def _stop_outboxd(ctx, p, name):
     code = ctx.procs.stop(p, timeout=30)
     if code != 0:
@@ -155,16 +203,23 @@ def run_drain(ctx, sink, slot, end_lsn, n):
     http = free_port()
     name = f"drain-{slot}"
     cfg = outboxd_config(ctx, name, slot, sink, http)
-    if sink == "nats":
-        ctx.js.delete_stream("OUTBOX")  # outboxd creates it again (nats.create_stream)
+    kind = sink_kind(sink)
+    if kind == "nats":
+        # outboxd creates it again (nats.create_stream). Exactly-once: the checkpoint
+        # subject is per slot and every run has a fresh slot, so no checkpoint is found
+        # and the (empty) stream's last messages are read back instead.
+        ctx.js.delete_stream("OUTBOX")
     ws = WalsenderWatch(ctx.pg)
     broker0 = broker_cpu(ctx, sink)
     machine = probe.MachineCpu(ctx.pg.postmaster_pid())
     machine.start()
     t0 = time.time()
-    p = _spawn_outboxd(ctx, name, cfg, sink)
+    p = _spawn_outboxd(ctx, name, cfg, kind)
     try:
-        t_end = _wait_confirmed(ctx, p, slot, end_lsn, ws)
+        try:
+            t_end = _wait_confirmed(ctx, p, slot, end_lsn, ws)
+        except RuntimeError as e:
+            raise _failed(ctx, name, e) from e
         ws.sample()
         secs = t_end - t0
         busy = machine.stop()
@@ -173,7 +228,8 @@ def run_drain(ctx, sink, slot, end_lsn, n):
         except OSError:
             metrics = None  # a binary without the HTTP endpoint: the slot still tells
         res = {
-            "consumer": f"outboxd → {sink}", "sink": sink, "seconds": secs,
+            "consumer": f"outboxd → {sink}", "sink": sink, "exactly_once": exactly_once(sink),
+            "seconds": secs,
             "events_per_s": n / secs,
             "cpu_s": probe.cpu_seconds(p.pid), "peak_rss_mb": probe.peak_rss_mb(p.pid),
             "wait_s": probe.runqueue_wait_s(p.pid), "walsender_wait_s": ws.wait,
@@ -189,7 +245,7 @@ def run_drain(ctx, sink, slot, end_lsn, n):
                 metrics, "outboxd_last_ack_timestamp_seconds") - t0
     finally:
         _stop_outboxd(ctx, p, name)
-    if sink == "nats":
+    if kind == "nats":
         res["stored"] = ctx.js.messages("OUTBOX")
     delivered = res.get("stored", res.get("published"))
     if delivered is not None and delivered != n:
@@ -200,7 +256,7 @@ def run_drain(ctx, sink, slot, end_lsn, n):
 def broker_cpu(ctx, sink):
     """CPU seconds of the broker process a sink talks to (0 for stdout)."""
     proc = {"nats": getattr(ctx.nats, "proc", None),
-            "kafka": getattr(ctx.kafka, "proc", None)}.get(sink)
+            "kafka": getattr(ctx.kafka, "proc", None)}.get(sink_kind(sink))
     return probe.cpu_seconds(proc.pid) if proc is not None else 0.0
 
 
@@ -220,9 +276,9 @@ def run_latency(ctx, sink, slot, loads, secs):
     name = f"latency-{sink}"
     workload.create_slots(ctx.pg, [slot])
     cfg = outboxd_config(ctx, name, slot, sink, http, commit_time=True)
-    if sink == "nats":
+    if sink_kind(sink) == "nats":
         ctx.js.delete_stream("OUTBOX")
-    p = _spawn_outboxd(ctx, name, cfg, sink)
+    p = _spawn_outboxd(ctx, name, cfg, sink_kind(sink))
     results = []
     try:
         wait_port(http, "outboxd /metrics", alive=lambda: p.poll() is None)
@@ -232,6 +288,8 @@ def run_latency(ctx, sink, slot, loads, secs):
         _wait_confirmed(ctx, p, slot, workload.current_lsn(ctx.pg))
         for rate, rows in loads:
             results.append(_latency_window(ctx, p, http, sink, slot, rate, rows, secs))
+    except RuntimeError as e:
+        raise _failed(ctx, name, e) from e
     finally:
         _stop_outboxd(ctx, p, name)
         workload.drop_slot(ctx.pg, slot)
@@ -239,7 +297,8 @@ def run_latency(ctx, sink, slot, loads, secs):
 
 
 def _latency_window(ctx, p, http, sink, slot, rate, rows, secs):
-    seq0 = ctx.js.last_seq("OUTBOX") if sink == "nats" else None
+    nats = sink_kind(sink) == "nats"
+    seq0 = ctx.js.last_seq("OUTBOX") if nats else None
     h0 = probe.histogram(probe.scrape(http), "outboxd_end_to_end_latency_seconds")
     cpu0, wait0 = probe.cpu_seconds(p.pid), probe.runqueue_wait_s(p.pid)
     broker0 = broker_cpu(ctx, sink)
@@ -262,7 +321,7 @@ def _latency_window(ctx, p, http, sink, slot, rate, rows, secs):
     h = probe.histogram_delta(h0, probe.histogram(probe.scrape(http),
                                                   "outboxd_end_to_end_latency_seconds"))
     res = {
-        "sink": sink, "offered_per_s": rate, "rows_per_txn": rows, "achieved_per_s": tps,
+        "sink": sink, "exactly_once": exactly_once(sink), "offered_per_s": rate, "rows_per_txn": rows, "achieved_per_s": tps,
         "events": events,
         "pgbench_schedule_lag_ms": sched_lag, "observed": h["count"],
         "p50_s": probe.quantile(h, 0.50), "p99_s": probe.quantile(h, 0.99),
@@ -276,7 +335,7 @@ def _latency_window(ctx, p, http, sink, slot, rate, rows, secs):
         "broker_cpu_cores": (broker_cpu(ctx, sink) - broker0) / wall,
         "wall_s": wall, "catch_up_s": time.monotonic() - load_end,
     }
-    if sink == "nats":
+    if nats:
         lat = sorted(ctx.js.stored_latencies("OUTBOX", seq0 + 1, ctx.js.last_seq("OUTBOX")))
         res["exact"] = {"n": len(lat), "p50_s": probe.exact_quantile(lat, 0.50),
                         "p99_s": probe.exact_quantile(lat, 0.99),
