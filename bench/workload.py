@@ -88,7 +88,13 @@ def create_slots(pg, names):
         pg.sql(f"SELECT pg_create_logical_replication_slot('{name}', 'pgoutput')")
 
 
-def drop_slot(pg, name):
+def drop_slot(pg, name, timeout=10.0):
+    """Drops the slot once its walsender has let go of it: a client that has just exited
+    leaves its walsender running for a moment, and an active slot cannot be dropped."""
+    deadline = time.monotonic() + timeout
+    while pg.sql(f"SELECT 1 FROM pg_replication_slots WHERE slot_name = '{name}' "
+                 "AND active").strip() and time.monotonic() < deadline:
+        time.sleep(0.05)
     pg.sql(f"SELECT pg_drop_replication_slot('{name}') FROM pg_replication_slots "
            f"WHERE slot_name = '{name}'")
 
