@@ -129,11 +129,14 @@ def pg_bindir():
 #   flush position (all a walsender may send) only at the WAL writer's next round
 #   (wal_writer_delay, 200 ms), which would dominate the end-to-end latency.
 # - autovacuum=off, long checkpoints: no background work in the middle of a timed run.
+# - max_replication_slots=64: every drain of a backlog has its own slot, all created
+#   before the backlog (6 consumers x BENCH_REPEAT 5 = 30 per shape, with nats-eo and
+#   kafka-eo); an idle slot only holds WAL back, it decodes nothing.
 PG_SETTINGS = {
     "listen_addresses": "127.0.0.1",
     "wal_level": "logical",
     "max_wal_senders": "20",
-    "max_replication_slots": "20",
+    "max_replication_slots": "64",
     "fsync": "off",
     "synchronous_commit": "on",
     "autovacuum": "off",
