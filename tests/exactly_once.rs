@@ -26,6 +26,8 @@ async fn nats_twenty_kills_beyond_the_duplicate_window_store_every_event_once() 
     let (pg, nats, cfg, mut relay) = streaming(&[
         ("nats", "exactly_once", "true"),
         ("nats", "stream_duplicate_window_secs", "1"),
+        // Checkpoints often enough that kills land before, during and after them.
+        ("sink", "checkpoint_interval_ms", "100"),
     ])
     .await;
     let port = http_port(&cfg);
@@ -154,6 +156,8 @@ async fn kafka_twenty_kills_every_event_once_for_read_committed() {
         &[
             ("kafka", "exactly_once", "true"),
             ("http", "listen", &listen),
+            // Checkpoints often enough that kills land before, during and after them.
+            ("sink", "checkpoint_interval_ms", "100"),
         ],
     )
     .await;
@@ -209,6 +213,7 @@ async fn kafka_a_resumed_zombie_is_fenced_and_nothing_is_delivered_twice() {
                 ("kafka", "exactly_once", "true"),
                 ("http", "listen", &listen),
                 ("postgres", "standby_poll_ms", "200"),
+                ("sink", "checkpoint_interval_ms", "100"),
             ],
         )
     };

@@ -56,10 +56,11 @@ pub struct SinkConfig {
     /// Exactly-once mode (`nats.exactly_once`, `kafka.exactly_once`): how often the
     /// relay pauses reading, waits for every event in flight and writes a checkpoint
     /// (Kafka: commits the transaction), in ms. Longer: fewer pauses; shorter: Kafka's
-    /// read_committed consumers see events sooner. Default 200.
+    /// read_committed consumers see events sooner. Default 1000 (make bench: drains
+    /// within 13 % of at-least-once; with 200 ms and 10,000 events, up to 22 % slower).
     pub checkpoint_interval_ms: u64,
     /// Exactly-once mode: a checkpoint is also written after this many events (bounds
-    /// a Kafka transaction and the ids a NATS restart reads back). Default 10000.
+    /// a Kafka transaction and the ids a NATS restart reads back). Default 50000.
     pub checkpoint_max_events: usize,
 }
 
@@ -71,8 +72,8 @@ impl Default for SinkConfig {
             on_invalid: PoisonPolicy::DeadLetter,
             on_rejected: PoisonPolicy::DeadLetter,
             shutdown_timeout_secs: 20,
-            checkpoint_interval_ms: 200,
-            checkpoint_max_events: 10_000,
+            checkpoint_interval_ms: 1_000,
+            checkpoint_max_events: 50_000,
         }
     }
 }

@@ -216,7 +216,11 @@ impl ClientContext for Context {
         // Broker-down and similar are reported here while librdkafka reconnects on its
         // own; the per-event consequences arrive as delivery reports. The end of a
         // partition is how the exactly-once checkpoint reader knows it read all.
-        if matches!(error, KafkaError::PartitionEOF(_)) {
+        if matches!(
+            error,
+            KafkaError::PartitionEOF(_)
+                | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        ) {
             return;
         }
         let error = error.to_string();

@@ -105,6 +105,9 @@ impl Once {
         reader
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
+            // The end of the partition is what the reader waits for: a broker that
+            // holds an empty fetch for the default 500 ms would add that to every start.
+            .set("fetch.wait.max.ms", "10")
             .set("enable.auto.commit", "false")
             .set("group.id", format!("{id}.checkpoint-reader"));
         Self {
@@ -211,6 +214,8 @@ impl Once {
                 .partition(0)
                 .key(self.id.as_str())
                 .payload(&value);
+            // Awaited before the commit: commit_transaction would flush it too, but
+            // measured slower (make bench: 38k against 68k events/s in a drain).
             let delivered = match producer.send_result(record) {
                 Ok(report) => match report.await {
                     Ok(Ok(_)) => Ok(()),
@@ -379,7 +384,7 @@ fn read_last(
                     RDKafkaErrorCode::RequestTimedOut,
                 ));
             }
-            match reader.poll(Duration::from_millis(500)) {
+            match reader.poll(Duration::from_millis(100)) {
                 None => continue,
                 Some(Err(KafkaError::PartitionEOF(_))) => break,
                 Some(Err(e)) => return Err(e),
