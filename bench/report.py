@@ -440,8 +440,8 @@ def markdown(res):
                 "",
                 "The same sink in both delivery modes, from the tables above: *at least once* "
                 "is the default, *exactly once* is `nats.exactly_once` / `kafka.exactly_once` "
-                "with the default checkpoints (every `sink.checkpoint_interval_ms` = 200 ms or "
-                "`sink.checkpoint_max_events` = 10,000 events; docs/exactly-once.md). Drains "
+                "with the default checkpoints (every `sink.checkpoint_interval_ms` = 1 s or "
+                "`sink.checkpoint_max_events` = 50,000 events; docs/exactly-once.md). Drains "
                 "ran in the same round robin; events/s is the median, with the range of the "
                 "repeats.",
                 "",
