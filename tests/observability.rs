@@ -8,8 +8,8 @@ use std::time::Duration;
 use support::secure::http_port;
 use support::streaming::streaming;
 use support::{
-    config, free_port, http_get, metric, metric_sum, scrape, scraped, wait_for, Nats, Postgres,
-    Relay,
+    config, free_port, http_get, insert_event, metric, metric_sum, scrape, scraped, wait_for, Nats,
+    Postgres, Relay,
 };
 
 async fn insert_rows(pg: &Postgres, n: usize, agg: &str) {
@@ -145,11 +145,22 @@ async fn idle_outbox_slot_advances_while_other_tables_are_written() {
     let _relay = Relay::spawn(&config(
         &pg,
         None,
-        &[("postgres", "heartbeat_interval_secs", "1")],
+        &[("postgres", "heartbeat_interval_secs", "0")],
     ));
     pg.wait_streaming("outboxd").await;
+    // (after the relay has relayed an event: an idle stream must move the slot also
+    // once rows have passed through)
+    let first = insert_event(&db, "o-1", 1).await.expect("insert");
+    let after_first = pg.current_lsn().await;
+    assert!(
+        wait_for(Duration::from_secs(30), || async {
+            pg.confirmed_lsn("outboxd").await.unwrap_or(0) >= after_first
+        })
+        .await,
+        "event {first} was not confirmed"
+    );
 
-    // Given lots of WAL from another table and none from the outbox
+    // Given lots of WAL from another table and no more from the outbox
     db.execute(
         "INSERT INTO noise (body) SELECT repeat('x', 500) FROM generate_series(1, 5000)",
         &[],
@@ -157,7 +168,7 @@ async fn idle_outbox_slot_advances_while_other_tables_are_written() {
     .await
     .expect("noise");
     let after_noise = pg.current_lsn().await;
-    // Then the slot's confirmed position moves past it (heartbeats / keepalives)
+    // Then the slot's confirmed position moves past it (keepalives: heartbeats are off)
     assert!(
         wait_for(Duration::from_secs(30), || async {
             pg.confirmed_lsn("outboxd").await.unwrap_or(0) >= after_noise
