@@ -316,11 +316,17 @@ pub async fn kill_while_in_flight(
             "kill {k}: the restarted relay published nothing within 30 s: {}",
             relay.stderr()
         );
-        // The random delay is the fault being injected, not a synchronisation.
-        tokio::time::sleep(Duration::from_millis(rng.range(0, 200))).await;
-        if writer.committed() > before {
+        // The writer commits during this process's life (on a loaded machine its next
+        // commit can come later than the relay's first ack: wait for it, bounded)
+        if wait_for(Duration::from_secs(30), || async {
+            writer.committed() > before
+        })
+        .await
+        {
             mid_write += 1;
         }
+        // The random delay is the fault being injected, not a synchronisation.
+        tokio::time::sleep(Duration::from_millis(rng.range(0, 200))).await;
         relay.kill();
         tokio::time::sleep(down).await;
         relay.start();
