@@ -77,8 +77,10 @@ pub struct Once {
     /// Settings of the consumer that reads the checkpoint back.
     reader: ClientConfig,
     kafka: KafkaConfig,
-    /// `init_transactions` succeeded.
+    /// `init_transactions` succeeded (the lock serialises the first registration).
     initialized: tokio::sync::Mutex<bool>,
+    /// The same, readable without the lock on the publish path.
+    registered: std::sync::atomic::AtomicBool,
     /// A transaction is open (begun, not yet committed or aborted).
     open: Mutex<bool>,
     /// Events the broker refused for good inside a transaction: event id → (reason,
@@ -117,6 +119,7 @@ impl Once {
             reader,
             kafka: cfg.clone(),
             initialized: tokio::sync::Mutex::new(false),
+            registered: std::sync::atomic::AtomicBool::new(false),
             open: Mutex::new(false),
             refused: Mutex::new(HashMap::new()),
         }
@@ -132,6 +135,10 @@ impl Once {
     /// process holds the slot (a session's start, or the initial snapshot's first
     /// event), never at connect: a standby must not fence the active instance.
     pub async fn init(&self, producer: &Producer) -> Result<(), SinkError> {
+        // Every publish asks; only the first ones wait for the lock.
+        if self.registered.load(std::sync::atomic::Ordering::Acquire) {
+            return Ok(());
+        }
         let mut done = self.initialized.lock().await;
         if *done {
             return Ok(());
@@ -141,6 +148,8 @@ impl Once {
             .await
             .map_err(|e| self.failure("init_transactions", e, &self.id))?;
         *done = true;
+        self.registered
+            .store(true, std::sync::atomic::Ordering::Release);
         tracing::info!(transactional_id = %self.id, checkpoint_topic = %self.topic, "kafka exactly-once: transactional producer registered");
         Ok(())
     }
